@@ -1688,9 +1688,10 @@ def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: T
     for b0 in range(0, len(windows), B):
         batch = windows[b0:b0 + B]
         n = len(batch)
+        ends = [min(L, total - w) for w, _ in batch]  # host-side: no device sync per window
         ws = torch.tensor([w for w, _ in batch] + [0] * (B - n), device=tokens.device)
         sc = torch.tensor([s for _, s in batch] + [L] * (B - n), device=tokens.device)
-        wlen = (total - ws).clamp(max=L)
+        wlen = torch.tensor(ends + [0] * (B - n), device=tokens.device)
         idx = (ws[:, None] + pos).clamp(max=total)
         x, y = tokens[idx], tokens[(idx + 1).clamp(max=total)]
         lo = 0 if etlb is not None else min(s for _, s in batch)
@@ -1699,18 +1700,17 @@ def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: T
             logits = head_fn(hidden[:, lo:]).float()
         mask = (pos[lo:] >= sc[:, None]) & (pos[lo:] < wlen[:, None])
         if record is not None:
-            record.extend((w, w + s, w + int(wlen[i])) for i, (w, s) in enumerate(batch))
+            record.extend((w, w + s, w + e) for (w, s), e in zip(batch, ends))
         if etlb is None:
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, lo:].reshape(-1),
                                   reduction="none").reshape(B, -1)
-            meter.add(nll[mask], x[:, lo:][mask], y[:, lo:][mask], luts)
-            continue
-        for i, (w, s) in enumerate(batch):
-            e = int(wlen[i])
-            if s > 0:
-                etlb.fit(logits[i, :s], y[i, :s])
-            nll = F.cross_entropy(logits[i, s:e] + etlb.b, y[i, s:e], reduction="none")
-            meter.add(nll, x[i, s:e], y[i, s:e], luts)
+        else:
+            nll = torch.zeros(B, L, device=tokens.device)
+            for i, ((w, s), e) in enumerate(zip(batch, ends)):
+                if s > 0:
+                    etlb.fit(logits[i, :s], y[i, :s])
+                nll[i, s:e] = F.cross_entropy(logits[i, s:e] + etlb.b, y[i, s:e], reduction="none")
+        meter.add(nll[mask], x[:, lo:][mask], y[:, lo:][mask], luts)
 
 
 def eval_sliding(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,

@@ -163,7 +163,12 @@ def load_manifest(data_dir: Path, fetcher: Fetcher | None, remote_root: str) -> 
     unless fetcher is None, in which case the local copy DATA/manifest.json is read."""
     path = data_dir / "manifest.json"
     if fetcher is not None:
-        fetcher(remote(remote_root, "manifest.json"), path)
+        try:
+            fetcher(remote(remote_root, "manifest.json"), path)
+        except DataToolError as exc:
+            if path.is_file():
+                raise DataToolError(f"{exc}\n(a local manifest exists at {path}: --skip-manifest uses it)") from None
+            raise
     elif not path.is_file():
         raise DataToolError(f"--skip-manifest: no local manifest at {path}")
     try:
@@ -351,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_TRAIN_SHARDS,
         metavar="N",
-        help=f"training shards to fetch, 100M tokens each (default {DEFAULT_TRAIN_SHARDS}); validation is always complete",
+        help=f"training shards to fetch, 100M tokens each (default {DEFAULT_TRAIN_SHARDS}); "
+        "validation is always complete",
     )
     parser.add_argument(
         "--repo-id",
@@ -361,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--remote-root",
         default=env.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT),
-        help="folder inside the repo holding manifest.json (env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX; default %(default)r)",
+        help="folder inside the repo holding manifest.json "
+        "(env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX; default %(default)r)",
     )
     parser.add_argument(
         "--hub-dir",
