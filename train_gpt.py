@@ -146,6 +146,8 @@ class Hyperparameters:
     ttt_epochs: int = 3
     ttt_chunk: int = 32768
     ttt_grad_clip: float = 1.0
+    ttt_optimizer: str = "sgd"  # sgd (momentum TTT_MOMENTUM) or adamw (weight decay 0)
+    ttt_freeze: int = 0  # blocks[:TTT_FREEZE] and the embeddings stay fixed when > 0
     # --- pre-quant TTT (the requested recipe; NOT leaderboard-legal)
     pre_quant_ttt: bool = False
     pre_quant_ttt_lr: float = 0.0005
@@ -259,6 +261,10 @@ class Hyperparameters:
                     bad(n.upper(), f"layer {i} is outside [0, NUM_LAYERS={self.num_layers})")
         if self.compressor not in ("brotli", "lzma"):
             bad("COMPRESSOR", "must be brotli or lzma")
+        if self.ttt_optimizer not in ("sgd", "adamw"):
+            bad("TTT_OPTIMIZER", "must be sgd or adamw")
+        if not 0 <= self.ttt_freeze < self.num_layers:
+            bad("TTT_FREEZE", f"must be in [0, NUM_LAYERS={self.num_layers})")
         if self.size_fit not in ("prune", "fail"):
             bad("SIZE_FIT", "must be prune or fail")
         if self.pre_quant_ttt and not 0 <= self.pre_quant_ttt_freeze < self.num_layers:
@@ -1294,6 +1300,8 @@ def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor],
     ranked = sorted(mats, key=lambda n: -sens[n])
     bits = {n: (6 if i < h.n_int6_layers else 5) for i, n in enumerate(ranked)}
     n_gptq = n_fallback = 0
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in full fp32
     for i, n in enumerate(mats):  # this rank's share, on its device
         if i % rt.world_size != rt.rank:
             continue
@@ -1304,6 +1312,7 @@ def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor],
         else:
             q, s = quantize_rtn(W, cr)
         out[n + ".q"], out[n + ".scale"] = q, s
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     for i, n in enumerate(mats):  # share results: every rank ends with every matrix
         owner = i % rt.world_size
         if rt.world_size > 1:
@@ -1802,17 +1811,26 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
 
 def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
              use_etlb: bool, trace=None) -> tuple[float, float]:
-    """Legal score-first TTT: SGD(momentum) on all weights, cosine lr over chunks, clip."""
-    params = list(model.parameters())
+    """Legal score-first TTT on the dequantized model: cosine lr over chunks, grad clip."""
+    if h.ttt_freeze > 0:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [p for b in model.blocks[h.ttt_freeze:] for p in b.parameters()]
+    else:
+        params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
+
+    def make_opt(ps):
+        if h.ttt_optimizer == "adamw":
+            return torch.optim.AdamW(ps, lr=h.ttt_lr, weight_decay=0.0)
+        return torch.optim.SGD(ps, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
     def lr_at(c, n):
         return h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n - 1, 1)))
 
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
-                             make_opt=lambda ps: torch.optim.SGD(ps, lr=h.ttt_lr, momentum=h.ttt_momentum),
-                             lr_at=lr_at, grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
+                             make_opt=make_opt, lr_at=lr_at, grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
                              label="ttt_etlb" if use_etlb else "ttt", trace=trace)
 
 
