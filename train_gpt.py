@@ -1609,13 +1609,21 @@ def count_target_bytes(prev: Tensor, tgt: Tensor, luts: ByteLuts) -> Tensor:
 
 
 class BpbMeter:
-    def __init__(self, device: torch.device):
-        self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    """Sums (nll, tokens, bytes). With track=N it also keeps each target's nll and score count
+    (targets 0..N-1), which the tests use to prove causality and exactly-once scoring."""
 
-    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts: ByteLuts) -> None:
+    def __init__(self, device: torch.device, track: int = 0):
+        self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+        self.token_nll = torch.full((track,), float("nan"), dtype=torch.float64, device=device) if track else None
+        self.token_count = torch.zeros(track, dtype=torch.int64, device=device) if track else None
+
+    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts: ByteLuts, index: Tensor | None = None) -> None:
         self.stats[0] += nll.double().sum()
         self.stats[1] += nll.numel()
         self.stats[2] += count_target_bytes(prev, tgt, luts).sum()
+        if self.token_nll is not None and index is not None:
+            self.token_nll[index] = nll.double()
+            self.token_count.index_add_(0, index, torch.ones_like(index))
 
     def local_bpb(self) -> float:
         nll, _, nbytes = self.stats.tolist()
@@ -1719,16 +1727,17 @@ def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: T
                 if s > 0:
                     etlb.fit(logits[i, :s], y[i, :s])
                 nll[i, s:e] = F.cross_entropy(logits[i, s:e] + etlb.b, y[i, s:e], reduction="none")
-        meter.add(nll[mask], x[:, lo:][mask], y[:, lo:][mask], luts)
+        tidx = ws[:, None] + pos[lo:]  # window position j predicts target index start + j
+        meter.add(nll[mask], x[:, lo:][mask], y[:, lo:][mask], luts, tidx[mask])
 
 
 def eval_sliding(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
-                 use_etlb: bool = False, record=None) -> tuple[float, float]:
+                 use_etlb: bool = False, record=None, meter: BpbMeter | None = None) -> tuple[float, float]:
     """Sliding-window BPB; windows split into contiguous rank ranges (one ETLB chain each)."""
     tokens = tokens.to(rt.device)
     windows = plan_windows(tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
     mine = windows[len(windows) * rt.rank // rt.world_size:len(windows) * (rt.rank + 1) // rt.world_size]
-    meter = BpbMeter(rt.device)
+    meter = meter or BpbMeter(rt.device)
     etlb = Etlb(h, rt) if use_etlb else None
     model.eval()
     score_windows(h, rt, maybe_compile(model.forward_hidden, h, rt), model.logits, tokens, mine, meter, luts,
@@ -1759,12 +1768,13 @@ def chunk_windows(windows, chunk: int, n_chunks: int):
 
 def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts, *,
                       chunk: int, epochs: int, params: list[nn.Parameter], make_opt, lr_at, grad_clip: float,
-                      use_etlb: bool = False, label: str = "ttt", trace=None) -> tuple[float, float]:
+                      use_etlb: bool = False, label: str = "ttt", trace=None,
+                      meter: BpbMeter | None = None) -> tuple[float, float]:
     tokens = tokens.to(rt.device)
     total, L = tokens.numel() - 1, h.eval_seq_len
     n_chunks = max(1, math.ceil(total / chunk))
     groups = chunk_windows(plan_windows(total, L, h.eval_stride), chunk, n_chunks)
-    meter = BpbMeter(rt.device)
+    meter = meter or BpbMeter(rt.device)
     etlb = Etlb(h, rt) if use_etlb else None
     hidden_fn = maybe_compile(model.forward_hidden, h, rt)
     loss_fn = maybe_compile(model, h, rt)
@@ -1810,7 +1820,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
 
 
 def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
-             use_etlb: bool, trace=None) -> tuple[float, float]:
+             use_etlb: bool, trace=None, meter: BpbMeter | None = None) -> tuple[float, float]:
     """Legal score-first TTT on the dequantized model: cosine lr over chunks, grad clip."""
     if h.ttt_freeze > 0:
         for p in model.parameters():
@@ -1831,11 +1841,11 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
 
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
                              make_opt=make_opt, lr_at=lr_at, grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
-                             label="ttt_etlb" if use_etlb else "ttt", trace=trace)
+                             label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter)
 
 
 def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
-                  trace=None) -> tuple[float, float]:
+                  trace=None, meter: BpbMeter | None = None) -> tuple[float, float]:
     """The requested recipe: AdamW on blocks[FREEZE:], chunks scored first; adapts `model`."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -1849,7 +1859,7 @@ def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
         return score_first_adapt(
             h, rt, model, tokens, luts, chunk=h.pre_quant_ttt_chunk, epochs=h.pre_quant_ttt_epochs, params=params,
             make_opt=lambda ps: torch.optim.AdamW(ps, lr=h.pre_quant_ttt_lr, weight_decay=0.0),
-            lr_at=lambda c, n: h.pre_quant_ttt_lr, grad_clip=0.0, label="pre_quant_ttt", trace=trace)
+            lr_at=lambda c, n: h.pre_quant_ttt_lr, grad_clip=0.0, label="pre_quant_ttt", trace=trace, meter=meter)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
