@@ -1958,8 +1958,9 @@ def run(h: Hyperparameters, rt: Runtime) -> dict:
                 vl, vb = pre_quant_ttt(h, rt, model, val_tokens, luts)
                 dt = time.perf_counter() - t
             eval_seconds += dt
-            log(score_line("pre_quant_ttt_scorefirst", vl, vb, dt, True, []) +
-                " (the score-first pass itself; the artifact below is trained on these tokens)")
+            log(score_line("pre_quant_ttt_scorefirst", vl, vb, dt, False, [
+                "diagnostic: the score-first pass of pre-quant TTT scores the unquantized model, "
+                "not the artifact, and the artifact below is trained on these tokens"]))
             results["scores"]["pre_quant_ttt_scorefirst"] = vb
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         with timed("gptq", rt.device):
