@@ -386,7 +386,10 @@ def setup_runtime(env: typing.Mapping[str, str] | None = None) -> Runtime:
 
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()  # no rank tears down while another still has collectives in flight
+        finally:
+            dist.destroy_process_group()
 
 
 _LOG = {"file": None, "main": True}
@@ -1805,7 +1808,13 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                all_reduce_(p.grad, rt)  # sum of per-rank shares = mean over the chunk's sequences
+            if rt.distributed:  # one flat all-reduce: sum of per-rank shares = mean over the chunk
+                flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+                dist.all_reduce(flat)
+                off = 0
+                for p in params:
+                    p.grad.copy_(flat[off:off + p.numel()].view_as(p.grad))
+                    off += p.numel()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()

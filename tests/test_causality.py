@@ -1,0 +1,408 @@
+"""Causality harness for every eval mode (CPU, seconds).
+
+Target index i is token i+1 predicted from tokens[:i+1]. For each mode (sliding, ETLB,
+score-first TTT, TTT+ETLB, pre-quant TTT's own pass) the harness
+  * scores a short validation stream with a tracking BpbMeter and checks that every target
+    is scored exactly once (token_count == 1, no NaN, reported loss == mean of the tracked nll);
+  * changes token p and checks that the nll of every earlier target (indices < p-1) is
+    bitwise unchanged: CPU fp32 is deterministic, every op is row-independent, and every run
+    starts from the same weights, so any difference at all is a dependence on token p;
+  * has teeth: target p-1 always changes; ETLB's carried bias and TTT's adapted weights make
+    targets far after p change, while plain sliding only changes [p-1, p+EVAL_SEQ_LEN-1);
+    TTT really changes the weights and the later chunks' losses;
+  * checks train-after-score twice: from the `trace` that score_first_adapt fills, and from an
+    independent event log (meter.add calls vs. the sequences model.forward is trained on);
+  * is shown to fail on deliberately leaky variants: an ETLB fitted on the positions it then
+    scores, a TTT that trains on a chunk before scoring it, and non-causal attention.
+Also: plan_windows/chunk_windows partition the targets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+N_TARGETS = 1124  # 4 full 256-target TTT chunks + a partial 5th; not a multiple of EVAL_SEQ_LEN
+CHUNK = 256
+# token positions to change: inside window 0 / chunk 0; mid chunk 1; the chunk-1/2 boundary
+# (token 512 is the label of target 511, chunk 1's last, and the first input of chunk 2); the end
+POSITIONS = (100, 386, 512, N_TARGETS - 2)
+MODES = ("sliding", "etlb", "ttt", "ttt_etlb", "pre_quant_ttt")
+TTT_MODES = ("ttt", "ttt_etlb", "pre_quant_ttt")
+
+
+@dataclasses.dataclass
+class Setup:
+    h: tg.Hyperparameters
+    rt: tg.Runtime
+    luts: tg.ByteLuts
+    tokens: torch.Tensor
+    state: dict[str, torch.Tensor]
+
+
+@pytest.fixture
+def setup(tiny_h, rt_cpu) -> Setup:
+    tg.configure_logging(None, False)
+    h = dataclasses.replace(tiny_h, ttt_chunk=CHUNK, pre_quant_ttt_chunk=CHUNK, ttt_epochs=2,
+                            pre_quant_ttt_epochs=2, eval_batch_seqs=4, ttt_lr=0.05, pre_quant_ttt_lr=0.003)
+    h.validate()
+    assert (h.eval_seq_len, h.eval_stride, h.pre_quant_ttt_freeze) == (128, 32, 2)
+    tokens = tg.load_validation_tokens(h)[:N_TARGETS + 1].clone()
+    assert tokens.numel() == N_TARGETS + 1
+    luts = tg.build_byte_luts(tg.load_tokenizer(h), h.vocab_size, rt_cpu.device)
+    # A random model whose attention/MLP outputs matter: the zero-initialised projections
+    # (which would make the fresh model a context-free bigram model) get random weights.
+    torch.manual_seed(1234)
+    model = tg.build_model(h, rt_cpu)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "_zero_init", False):
+                m.weight.normal_(0.0, 1.0 / math.sqrt(m.in_features))
+        if model.skip_gates is not None:
+            model.skip_gates.normal_(0.0, 1.0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Setup(h, rt_cpu, luts, tokens, state)
+
+
+def fresh_model(s: Setup) -> tg.GPT:
+    """Identical weights every time (TTT mutates the model); recurrence on, as at eval."""
+    model = tg.build_model(s.h, s.rt)
+    model.load_state_dict(s.state)
+    model.recurrence_active = True
+    return model
+
+
+def run_mode(s: Setup, mode: str, tokens: torch.Tensor, model: tg.GPT | None = None, trace=None,
+             meter: tg.BpbMeter | None = None, h: tg.Hyperparameters | None = None) -> torch.Tensor:
+    """Run one eval mode on `tokens`; assert exactly-once scoring; return per-target nll."""
+    h = h or s.h
+    model = model if model is not None else fresh_model(s)
+    total = tokens.numel() - 1
+    meter = meter if meter is not None else tg.BpbMeter(s.rt.device, track=total)
+    if mode in ("sliding", "etlb"):
+        loss, _ = tg.eval_sliding(h, s.rt, model, tokens, s.luts, use_etlb=mode == "etlb", meter=meter)
+    elif mode in ("ttt", "ttt_etlb"):
+        loss, _ = tg.eval_ttt(h, s.rt, model, tokens, s.luts, use_etlb=mode == "ttt_etlb", trace=trace, meter=meter)
+    elif mode == "pre_quant_ttt":
+        loss, _ = tg.pre_quant_ttt(h, s.rt, model, tokens, s.luts, trace=trace, meter=meter)
+    else:
+        raise ValueError(mode)
+    assert_scored_once(meter, total)
+    assert loss == pytest.approx(meter.token_nll.mean().item(), rel=1e-9), "reported loss != tracked nll"
+    return meter.token_nll.clone()
+
+
+def assert_scored_once(meter: tg.BpbMeter, total: int) -> None:
+    counts = meter.token_count
+    assert counts.numel() == total
+    bad = (counts != 1).nonzero().flatten()
+    assert bad.numel() == 0, f"targets not scored exactly once: {bad[:10].tolist()} counts {counts[bad[:10]].tolist()}"
+    assert not torch.isnan(meter.token_nll).any()
+    assert meter.stats[1].item() == total
+
+
+# ============================================================================ the checker
+
+
+class Violation(NamedTuple):
+    position: int  # the changed token
+    first_target: int  # first earlier target index whose nll changed
+    n_targets: int  # how many earlier targets changed
+    max_abs: float
+
+
+def perturbed(tokens: torch.Tensor, p: int, vocab: int) -> torch.Tensor:
+    t = tokens.clone()
+    t[p] = (t[p] + 1 + p % (vocab - 1)) % vocab  # always a different token
+    assert t[p] != tokens[p]
+    return t
+
+
+def perturbation_runs(run_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, positions,
+                      vocab: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """nll of the original stream and of the stream with token p changed, for each p."""
+    return run_fn(tokens), {p: run_fn(perturbed(tokens, p, vocab)) for p in positions}
+
+
+def causality_violations(run_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, positions,
+                         vocab: int, runs=None) -> list[Violation]:
+    """Positions p whose change altered the nll of some target before p-1 (bitwise)."""
+    base, changed = runs if runs is not None else perturbation_runs(run_fn, tokens, positions, vocab)
+    out = []
+    for p in positions:
+        diff = (changed[p][:p - 1] != base[:p - 1]).nonzero().flatten()
+        if diff.numel():
+            out.append(Violation(p, int(diff[0]), int(diff.numel()),
+                                 float((changed[p][:p - 1] - base[:p - 1]).abs().max())))
+    return out
+
+
+def mode_runner(s: Setup, mode: str, **kw) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda toks: run_mode(s, mode, toks, **kw)
+
+
+# ============================================================================ windows
+
+
+@pytest.mark.parametrize("total,L,stride", [(1124, 128, 32), (1024, 128, 128), (1000, 128, 48), (100, 128, 32),
+                                            (128, 128, 32), (129, 128, 32), (97, 128, 32), (5000, 2048, 64),
+                                            (777, 64, 7), (1, 128, 32)])
+def test_plan_windows_partition_targets(total, L, stride):
+    wins = tg.plan_windows(total, L, stride)
+    assert wins and wins[0] == (0, 0)
+    nxt = 0
+    for ws, s in wins:
+        e = min(L, total - ws)
+        assert ws >= 0 and 0 <= s < e <= L, (ws, s, e)
+        assert ws + s == nxt, f"gap or overlap at window {ws}: scores from {ws + s}, expected {nxt}"
+        assert ws == 0 or s == L - stride  # every later window has a full EVAL_SEQ_LEN-STRIDE context
+        nxt = ws + e
+    assert nxt == total
+
+
+@pytest.mark.parametrize("total,L,stride,chunk", [(1124, 128, 32, 256), (1000, 128, 48, 256), (1000, 128, 128, 128),
+                                                  (4097, 128, 96, 1024), (300, 128, 32, 2048)])
+def test_chunk_windows_group_by_first_scored_target(total, L, stride, chunk):
+    wins = tg.plan_windows(total, L, stride)
+    n_chunks = max(1, math.ceil(total / chunk))
+    groups = tg.chunk_windows(wins, chunk, n_chunks)
+    assert len(groups) == n_chunks
+    assert [w for g in groups for w in g] == wins  # order kept, nothing lost or duplicated
+    covered = torch.zeros(total, dtype=torch.int64)
+    for c, g in enumerate(groups):
+        for ws, s in g:
+            assert c * chunk <= ws + s < (c + 1) * chunk
+            covered[ws + s:ws + min(L, total - ws)] += 1
+    assert bool((covered == 1).all())
+
+
+# ============================================================================ exactly once
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_target_scored_exactly_once(setup, mode):
+    trace = {} if mode in TTT_MODES else None
+    run_mode(setup, mode, setup.tokens, trace=trace)  # asserts counts == 1, no NaN, loss == mean nll
+    if trace is not None:  # the score trace covers each target once, chunk by chunk
+        covered = torch.zeros(N_TARGETS, dtype=torch.int64)
+        for c in range(math.ceil(N_TARGETS / CHUNK)):
+            for ws, first, end in trace[("score", c)]:
+                assert c * CHUNK <= first < (c + 1) * CHUNK and ws <= first < end <= ws + setup.h.eval_seq_len
+                covered[first:end] += 1
+        assert bool((covered == 1).all())
+
+
+# ============================================================================ causality
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_changing_a_token_leaves_earlier_losses_unchanged(setup, mode):
+    s, L = setup, setup.h.eval_seq_len
+    runs = perturbation_runs(mode_runner(s, mode), s.tokens, POSITIONS, s.h.vocab_size)
+    assert causality_violations(None, s.tokens, POSITIONS, s.h.vocab_size, runs=runs) == []
+    base, changed = runs
+    last_trained_token = (math.ceil(N_TARGETS / CHUNK) - 1) * CHUNK  # training after chunk n-2 reads up to here
+    for p in POSITIONS:
+        d = changed[p] != base
+        assert d[p - 1], f"p={p}: the changed token's own target kept its nll (vacuous test)"
+        assert d[p:p + L - 1].any(), f"p={p}: no later target in p's windows changed (context has no effect?)"
+        carried = mode in ("etlb", "ttt_etlb") or (mode in TTT_MODES and p <= last_trained_token)
+        if p + L < N_TARGETS:
+            far = d[p + L:]  # target i sees tokens w..i with w > i-L: p+L-1 is the last that can see p
+            if carried:  # ETLB's bias / TTT's weights carry the change beyond the window
+                assert far.any(), f"{mode} p={p}: nothing beyond p's windows changed (ETLB/TTT had no effect?)"
+            else:  # plain sliding (or TTT's untrained last chunk): only p's own windows can change
+                assert not far.any(), f"{mode} p={p}: targets {far.nonzero().flatten()[:5] + p + L} changed"
+
+
+@pytest.mark.parametrize("mode", TTT_MODES)
+def test_ttt_adapts_weights_and_later_losses(setup, mode):
+    s = setup
+    model = fresh_model(s)
+    ttt = run_mode(s, mode, s.tokens, model=model)
+    ref = run_mode(s, "etlb" if mode == "ttt_etlb" else "sliding", s.tokens)
+    after = model.state_dict()
+    moved = {k for k, v in s.state.items() if not torch.equal(v, after[k])}
+    if mode == "pre_quant_ttt":
+        f = s.h.pre_quant_ttt_freeze
+        assert moved and all(k.startswith(tuple(f"blocks.{i}." for i in range(f, s.h.num_layers))) for k in moved)
+        assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    else:
+        assert {"tok_emb.weight", "blocks.0.attn.c_q.weight"} <= moved
+    max_change = max((after[k] - s.state[k]).abs().max().item() for k in moved)
+    assert max_change > 1e-4
+    # chunk 0 is scored before any training: same nll as the plain pass (batching differs, so
+    # allow float noise); every later chunk is scored with adapted weights.
+    assert torch.allclose(ttt[:CHUNK], ref[:CHUNK], rtol=0, atol=1e-5)
+    for c in range(1, math.ceil(N_TARGETS / CHUNK)):
+        gap = (ttt[c * CHUNK:(c + 1) * CHUNK] - ref[c * CHUNK:(c + 1) * CHUNK]).abs().max().item()
+        assert gap > 1e-3, f"chunk {c}: TTT nll equals the un-adapted nll (max diff {gap:.2e})"
+
+
+# ============================================================================ train after score
+
+
+def train_after_score_violations(trace: dict, n_chunks: int) -> list[tuple[int, int]]:
+    """(chunk, target) pairs trained on after chunk `chunk` before having been scored.
+
+    trace[("score", c)]: (window start, first scored target, end-exclusive target) per window;
+    trace[("train", c)]: (start, first label token, end-exclusive token) per training sequence:
+    it reads tokens [start, end), i.e. targets start .. end-2 (target i's label is token i+1).
+    """
+    scored: set[int] = set()
+    bad = []
+    for c in range(n_chunks):
+        for _, first, end in trace.get(("score", c), []):
+            scored.update(range(first, end))
+        for st, first_label, end_tok in trace.get(("train", c), []):
+            assert first_label == st + 1
+            bad += [(c, t) for t in range(st, end_tok - 1) if t not in scored]
+    if ("train", n_chunks - 1) in trace:
+        bad.append((n_chunks - 1, -1))  # the last chunk must never be trained on
+    return bad
+
+
+class EventMeter(tg.BpbMeter):
+    """A tracking meter that also logs ("score", target indices) in call order."""
+
+    def __init__(self, device, track, events):
+        super().__init__(device, track)
+        self.events = events
+
+    def add(self, nll, prev, tgt, luts, index=None):
+        super().add(nll, prev, tgt, luts, index)
+        self.events.append(("score", index.tolist()))
+
+
+def log_training(model: tg.GPT, tokens: torch.Tensor, events: list) -> None:
+    """Log ("train", target indices) for every training forward, located in the token stream."""
+    orig = model.forward
+    L = None
+
+    def forward(ids, targets):
+        nonlocal L
+        if torch.is_grad_enabled():
+            L = ids.size(1)
+            rows = torch.cat([ids, targets[:, -1:]], dim=1)
+            grams = tokens.unfold(0, L + 1, 1)  # grams[st] = tokens[st:st+L+1]
+            tidx = []
+            for i, r in enumerate(rows):
+                st = (grams == r).all(dim=1).nonzero().flatten().tolist()
+                assert len(st) == 1, "training sequence not found uniquely in the stream"
+                assert torch.equal(targets[i], tokens[st[0] + 1:st[0] + L + 1])
+                tidx += range(st[0], st[0] + L)
+            events.append(("train", tidx))
+        return orig(ids, targets)
+
+    model.forward = forward
+
+
+def event_violations(events: list) -> list[tuple[int, int]]:
+    """(scored target, trained target) pairs where a target was scored after the weights had
+    trained on it or on a later target (then its loss depends on tokens after it)."""
+    max_trained, bad = -1, []
+    for kind, idx in events:
+        if kind == "train":
+            max_trained = max(max_trained, max(idx))
+        elif idx and min(idx) <= max_trained:
+            bad.append((min(idx), max_trained))
+    return bad
+
+
+def run_with_events(s: Setup, mode: str, tokens: torch.Tensor, h: tg.Hyperparameters | None = None):
+    events, trace = [], {}
+    model = fresh_model(s)
+    log_training(model, tokens, events)
+    meter = EventMeter(s.rt.device, tokens.numel() - 1, events)
+    run_mode(s, mode, tokens, model=model, trace=trace, meter=meter, h=h)
+    return trace, events
+
+
+@pytest.mark.parametrize("stride", [32, 48])  # 48 does not divide the chunk: windows straddle chunk ends
+@pytest.mark.parametrize("mode", TTT_MODES)
+def test_ttt_trains_only_on_already_scored_targets(setup, mode, stride):
+    h = dataclasses.replace(setup.h, eval_stride=stride)
+    trace, events = run_with_events(setup, mode, setup.tokens, h=h)
+    n_chunks = math.ceil(N_TARGETS / CHUNK)
+    assert all(trace.get(("train", c)) for c in range(n_chunks - 1)), "some chunk was not trained on (vacuous)"
+    assert train_after_score_violations(trace, n_chunks) == []
+    n_train = sum(k == "train" for k, _ in events)
+    assert n_train == (n_chunks - 1) * 2 * (CHUNK // h.eval_seq_len)  # epochs=2; the log saw every step
+    assert event_violations(events) == []
+    scored = [i for k, idx in events if k == "score" for i in idx]
+    assert sorted(scored) == list(range(N_TARGETS))
+
+
+# ============================================================================ leaky variants
+
+
+def leaky_score_windows(h, rt, hidden_fn, head_fn, tokens, windows, meter, luts, etlb=None, record=None):
+    """score_windows, one window at a time, except that ETLB's bias is fitted on the very
+    positions [s, e) it then scores (instead of the context [0, s)). Without ETLB it is legal."""
+    L, total = h.eval_seq_len, tokens.numel() - 1
+    for w, s in windows:
+        e = min(L, total - w)
+        x, y = tokens[w:w + e], tokens[w + 1:w + e + 1]
+        logits = head_fn(hidden_fn(x[None]))[0].float()
+        if record is not None:
+            record.append((w, w + s, w + e))
+        if etlb is not None:
+            etlb.fit(logits[s:e], y[s:e])  # LEAK: fitted on the targets about to be scored
+            logits = logits + etlb.b
+        nll = F.cross_entropy(logits[s:e], y[s:e], reduction="none")
+        meter.add(nll, x[s:e], y[s:e], luts, torch.arange(w + s, w + e, device=tokens.device))
+
+
+@pytest.mark.parametrize("mode", ["etlb", "ttt_etlb"])
+def test_harness_catches_etlb_fitted_on_scored_targets(setup, mode, monkeypatch):
+    s = setup
+    monkeypatch.setattr(tg, "score_windows", leaky_score_windows)
+    # control: the reimplementation without ETLB passes (exactly once and causal) ...
+    legal_twin = {"etlb": "sliding", "ttt_etlb": "ttt"}[mode]
+    assert causality_violations(mode_runner(s, legal_twin), s.tokens, POSITIONS, s.h.vocab_size) == []
+    # ... and with the leaky ETLB every target is still scored exactly once, yet the harness flags it
+    v = causality_violations(mode_runner(s, mode), s.tokens, POSITIONS, s.h.vocab_size)
+    assert [x.position for x in v] == [p for p in POSITIONS if (p - 1) % s.h.eval_stride != 0]
+
+
+def shifted_chunk_windows(windows, chunk, n_chunks):
+    """LEAK: chunk c's windows are scored one iteration late, i.e. after training on chunk c."""
+    groups = ORIG_CHUNK_WINDOWS(windows, chunk, n_chunks)
+    if n_chunks == 1:
+        return groups
+    return [[]] + groups[:n_chunks - 2] + [groups[n_chunks - 2] + groups[n_chunks - 1]]
+
+
+ORIG_CHUNK_WINDOWS = tg.chunk_windows
+
+
+@pytest.mark.parametrize("mode", TTT_MODES)
+def test_harness_catches_training_before_scoring(setup, mode, monkeypatch):
+    s = setup
+    monkeypatch.setattr(tg, "chunk_windows", shifted_chunk_windows)
+    # exactly-once still holds (run_mode asserts it), but all three checks flag the leak
+    v = causality_violations(mode_runner(s, mode), s.tokens, POSITIONS, s.h.vocab_size)
+    # p in a trained chunk changes that chunk's earlier losses; the last chunk is never trained on
+    assert [x.position for x in v] == [p for p in POSITIONS if p <= 1024]
+    trace, events = run_with_events(s, mode, s.tokens)
+    assert train_after_score_violations(trace, math.ceil(N_TARGETS / CHUNK))
+    assert event_violations(events)
+
+
+def test_harness_catches_noncausal_attention(setup, monkeypatch):
+    s = setup
+
+    def bidirectional(q, k, v):
+        rep = q.size(2) // k.size(2)
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    monkeypatch.setattr(tg, "attention", bidirectional)
+    v = causality_violations(mode_runner(s, "sliding"), s.tokens, POSITIONS, s.h.vocab_size)
+    assert [x.position for x in v] == list(POSITIONS)

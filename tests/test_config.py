@@ -1,0 +1,171 @@
+"""CONFIG/RUNTIME: env parsing, seed defaults, errors naming the variable, typo warnings, exit code 2 (python3 -m pytest -q tests/test_config.py)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_gpt as tg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_from_env_parses_each_type():
+    h = tg.Hyperparameters.from_env({
+        "NUM_LAYERS": "7", "MATRIX_LR": "0.125", "ADAM_EPS": "1e-6", "TTT_ENABLED": "0", "ETLB_ENABLED": "false",
+        "PRE_QUANT_TTT": "1", "EVAL_ABLATIONS": "true", "COMPRESSOR": "lzma", "RUN_ID": " abc ",
+        "RECUR_LAYERS": "2,3", "XSA_LAST_N": "7", "VE_LAYERS": "5,6", "PRE_QUANT_TTT_FREEZE": "5",
+    })
+    assert h.num_layers == 7 and type(h.num_layers) is int
+    assert h.matrix_lr == 0.125 and type(h.matrix_lr) is float
+    assert h.adam_eps == 1e-6
+    assert h.ttt_enabled is False and h.etlb_enabled is False
+    assert h.pre_quant_ttt is True and h.eval_ablations is True
+    assert h.compressor == "lzma" and h.run_id == "abc"
+    assert h.recur_layer_list == [2, 3] and h.ve_layer_list == [5, 6]
+    # a float field accepts an integer spelling; untouched fields keep their defaults
+    assert tg.Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "300"}).max_wallclock_seconds == 300.0
+    assert h.model_dim == tg.Hyperparameters().model_dim
+
+
+@pytest.mark.parametrize("raw,val", [("1", True), ("0", False), ("true", True), ("False", False),
+                                     ("yes", True), ("off", False)])
+def test_bool_spellings(raw, val):
+    assert tg.Hyperparameters.from_env({"COMPILE": raw}).compile is val
+
+
+def test_from_env_ignores_unrelated_and_empty_env_gives_defaults():
+    assert tg.Hyperparameters.from_env({}) == tg.Hyperparameters()
+    assert tg.Hyperparameters.from_env({"PATH": "/x", "HOME": "/y"}) == tg.Hyperparameters()
+
+
+def test_defaults_are_the_seed_command():
+    h = tg.Hyperparameters()
+    assert h.muon_wd == pytest.approx(0.09) and h.embed_wd == pytest.approx(0.09)
+    assert h.qk_gain_init == 5.0
+    assert h.recur_layers == "4,5" and h.recur_layer_list == [4, 5]
+    assert h.n_int6_layers == 66
+    assert h.ttt_enabled is True and h.etlb_enabled is True
+    assert h.pre_quant_ttt is False
+    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 4096)
+    assert h.artifact_limit_bytes == 16_000_000
+    h.validate()  # the defaults themselves are consistent
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"NUM_LAYERS": "abc"}, "NUM_LAYERS"),
+    ({"NUM_LAYERS": "2.5"}, "NUM_LAYERS"),
+    ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR"),
+    ({"TTT_ENABLED": "maybe"}, "TTT_ENABLED"),
+    ({"NUM_HEADS": "7"}, "NUM_HEADS"),
+    ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
+    ({"RECUR_LAYERS": "4,11"}, "RECUR_LAYERS"),
+    ({"RECUR_LAYERS": "-1"}, "RECUR_LAYERS"),
+    ({"RECUR_LAYERS": "a,b"}, "RECUR_LAYERS"),
+    ({"VE_LAYERS": "12"}, "VE_LAYERS"),
+    ({"COMPRESSOR": "zstd"}, "COMPRESSOR"),
+    ({"EMA_DECAY": "1.0"}, "EMA_DECAY"),
+    ({"EMA_DECAY": "-0.1"}, "EMA_DECAY"),
+    ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"),
+    ({"ITERATIONS": "0"}, "ITERATIONS"),
+    ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS"),
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
+    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE"),
+    ({"TTT_CHUNK": "1000"}, "TTT_CHUNK"),
+    ({"ROPE_DIMS": "15"}, "ROPE_DIMS"),
+    ({"ROPE_DIMS": "66"}, "ROPE_DIMS"),
+    ({"XSA_LAST_N": "12"}, "XSA_LAST_N"),
+    ({"SIZE_FIT": "squeeze"}, "SIZE_FIT"),
+    ({"TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER"),
+    ({"TTT_FREEZE": "11"}, "TTT_FREEZE"),
+    ({"EMBEDDING_DIM": "256"}, "EMBEDDING_DIM"),
+    ({"TIE_EMBEDDINGS": "0"}, "TIE_EMBEDDINGS"),
+    ({"VAL_BATCH_TOKENS": "2048"}, "VAL_BATCH_TOKENS"),
+    ({"PRE_QUANT_TTT": "1", "PRE_QUANT_TTT_FREEZE": "11"}, "PRE_QUANT_TTT_FREEZE"),
+    ({"LOAD_CHECKPOINT": "a.pt", "LOAD_ARTIFACT": "b.ptz"}, "LOAD_ARTIFACT"),
+])
+def test_malformed_values_raise_config_error_naming_the_variable(env, name):
+    with pytest.raises(tg.ConfigError) as ei:
+        tg.Hyperparameters.from_env(env)
+    assert name in str(ei.value)
+    assert isinstance(ei.value, ValueError)  # ConfigError is a ValueError subclass (callers may rely on it)
+
+
+def test_config_error_message_shows_the_value():
+    with pytest.raises(tg.ConfigError, match=r"NUM_LAYERS='abc'"):
+        tg.Hyperparameters.from_env({"NUM_LAYERS": "abc"})
+    with pytest.raises(tg.ConfigError, match=r"MODEL_DIM=512"):
+        tg.Hyperparameters.from_env({"NUM_HEADS": "7"})
+
+
+def test_derived_properties_follow_replace():
+    h = dataclasses.replace(tg.Hyperparameters(), model_dim=256, num_heads=4, vocab_size=1024, data_dir="/d/")
+    assert h.head_dim == 64
+    assert h.train_files == "/d/datasets/fineweb10B_sp1024/fineweb_train_*.bin"
+    assert h.val_files == "/d/datasets/fineweb10B_sp1024/fineweb_val_*.bin"
+    assert h.tokenizer_path == "/d/tokenizers/fineweb_1024_bpe.model"
+    assert dataclasses.replace(h, recur_warmup_steps=-1, warmup_steps=7).recur_warmup == 7
+    assert dataclasses.replace(h, recur_warmup_steps=3, warmup_steps=7).recur_warmup == 3
+    assert dataclasses.replace(h, ve_enabled=False).ve_layer_list == []
+
+
+def test_setup_runtime_rejects_world_size_not_dividing_8():
+    # Only invalid values: a valid RANK+WORLD_SIZE would initialise a process group.
+    for ws in ("3", "5", "16", "0"):
+        with pytest.raises(tg.ConfigError, match="WORLD_SIZE"):
+            tg.setup_runtime({"WORLD_SIZE": ws, "RANK": "0"})
+    with pytest.raises(tg.ConfigError, match="WORLD_SIZE"):
+        tg.setup_runtime({"WORLD_SIZE": "two", "RANK": "0"})
+
+
+def test_setup_runtime_single_process_without_torchrun_vars():
+    rt = tg.setup_runtime({})
+    assert (rt.rank, rt.world_size, rt.distributed, rt.grad_accum_steps) == (0, 1, False, 8)
+    assert rt.is_main
+    assert tg.Runtime(rank=1, world_size=4).grad_accum_steps == 2
+    assert not tg.Runtime(rank=1, world_size=4).is_main
+
+
+def test_env_typo_warnings():
+    w = tg.env_typo_warnings({"NUM_LAYER": "3", "PATH": "/x", "NUM_LAYERS": "4", "RANK": "0",
+                              "LOCAL_WORLD_SIZE": "1", "MATRIX_LRR": "0.1"})
+    text = "\n".join(w)
+    assert len(w) == 2, w
+    assert "NUM_LAYER " in text and "NUM_LAYERS" in text
+    assert "MATRIX_LRR" in text and "MATRIX_LR?" in text
+    assert "PATH" not in text and "RANK" not in text and "LOCAL_WORLD_SIZE" not in text
+    assert tg.env_typo_warnings({"PATH": "/x", "HOME": "/h", "num_layer": "1"}) == []
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    names = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)} | {"RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(extra)
+    return env
+
+
+def test_cli_config_error_exits_2_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, capture_output=True, text=True,
+                       env=_clean_env(NUM_LAYERS="abc"), timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "NUM_LAYERS" in r.stderr
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    assert not (tmp_path / "logs").exists()  # stopped before any work
+
+
+def test_every_field_is_in_readme_env_table():
+    text = (REPO / "README.md").read_text(encoding="utf-8") if (REPO / "README.md").exists() else ""
+    if not any(line.strip() == "## Environment variables" for line in text.splitlines()):
+        pytest.skip("README.md has no '## Environment variables' section yet")
+    section = text.split("## Environment variables", 1)[1]
+    section = re.split(r"\n## ", section, maxsplit=1)[0]
+    documented = set(re.findall(r"^\|\s*`?([A-Z][A-Z0-9_]*)`?\s*\|", section, flags=re.M))
+    missing = [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters) if f.name.upper() not in documented]
+    assert not missing, f"README env table lacks {missing}"

@@ -1,0 +1,241 @@
+"""QUANT: GPTQ vs round-to-nearest, code ranges, int5/int6 mixing, state-dict (de)quantization, +-1 pruning (python3 -m pytest -q tests/test_quant.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+
+@pytest.fixture(scope="module")
+def correlated():
+    """W (128x256, std 1 so that row scales sit above the 1/clip floor) and H = X^T X of correlated X."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(128, 256, generator=g)
+    A = torch.randn(256, 256, generator=g) / 16  # random mixing: strongly correlated input features
+    X = torch.randn(2048, 256, generator=g) @ A
+    return W, X, X.T @ X
+
+
+def out_err(W, q, s, X) -> float:
+    return ((W - q.float() * s.float()[:, None]) @ X.T).norm().item()
+
+
+@pytest.mark.parametrize("clip_range", [31, 15])
+def test_gptq_beats_round_to_nearest_on_output_error(correlated, clip_range):
+    W, X, H = correlated
+    q, s = tg.gptq_quantize_weight(W, H, clip_range=clip_range)
+    assert q.dtype == torch.int8 and q.shape == W.shape
+    assert s.dtype == torch.float16 and s.shape == (W.shape[0],)
+    assert int(q.abs().max()) <= clip_range
+    assert int(q.abs().max()) == clip_range  # the range is used, not collapsed
+    assert (s.float() >= 1.0 / clip_range - 1e-4).all()  # row scales are floored at 1/clip
+    # round-to-nearest at the very same scales
+    q_rtn_same = torch.clamp(torch.round(W / s.float()[:, None]), -clip_range, clip_range)
+    e_gptq, e_same = out_err(W, q, s, X), out_err(W, q_rtn_same, s, X)
+    assert e_gptq < 0.85 * e_same, (e_gptq, e_same)
+    # and the clip-searched RTN fallback
+    q2, s2 = tg.quantize_rtn(W, clip_range)
+    assert int(q2.abs().max()) <= clip_range and q2.dtype == torch.int8 and s2.dtype == torch.float16
+    assert e_gptq < 0.85 * out_err(W, q2, s2, X)
+    # sanity: the quantization is faithful (relative output error of a few percent at int6)
+    rel = e_gptq / (W @ X.T).norm().item()
+    assert rel < (0.05 if clip_range == 31 else 0.1)
+
+
+def test_int5_is_coarser_than_int6(correlated):
+    W, X, H = correlated
+    e6 = out_err(W, *tg.gptq_quantize_weight(W, H, clip_range=31), X)
+    e5 = out_err(W, *tg.gptq_quantize_weight(W, H, clip_range=15), X)
+    assert e6 < e5
+
+
+def test_gptq_handles_dead_columns_and_is_deterministic(correlated):
+    W, X, H = correlated
+    H = H.clone()
+    H[:, 7] = 0
+    H[7, :] = 0  # an input feature that never fires
+    q, s = tg.gptq_quantize_weight(W, H)
+    assert torch.isfinite(s.float()).all() and int(q.abs().max()) <= 31
+    assert not q[:, 7].any()  # its weights do not matter and are zeroed
+    q2, s2 = tg.gptq_quantize_weight(W, H)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+
+
+def test_gptq_identity_hessian_is_rtn_like():
+    # With H = I there is no correlation to exploit: GPTQ's error is about RTN's.
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 128, generator=g)
+    q, s = tg.gptq_quantize_weight(W, torch.eye(128))
+    q_rtn = torch.clamp(torch.round(W / s.float()[:, None]), -31, 31)
+    torch.testing.assert_close(q.float(), q_rtn)
+
+
+def test_quantize_rtn_zero_matrix():
+    q, s = tg.quantize_rtn(torch.zeros(4, 8), 31)
+    assert not q.any() and torch.allclose(s.float(), torch.full((4,), 1 / 31), atol=1e-4)
+
+
+def test_int8_rows_round_trip():
+    t = torch.randn(32, 100, generator=torch.Generator().manual_seed(2))
+    q, s = tg.quantize_int8_rows(t)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and int(q.abs().max()) <= 127
+    err = (q.float() * s.float()[:, None] - t).abs().max()
+    assert err < 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_quant(dataset):
+    """A TINY model with random (non-zero) projections, its Hessians and its quantized state dict."""
+    from conftest import TINY
+    data_dir, vocab = dataset
+    h = dataclasses.replace(TINY, data_dir=str(data_dir) + "/", vocab_size=vocab)
+    rt = tg.Runtime.single("cpu")
+    tg.configure_logging(None, False)
+    torch.manual_seed(0)
+    model = tg.build_model(h, rt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hess = tg.collect_hessians(h, rt, model, tg.new_train_loader(h))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors, meta = tg.quantize_state_dict(h, rt, sd, hess)
+    return h, rt, model, sd, hess, tensors, meta
+
+
+def test_collect_hessians(tiny_quant):
+    h, rt, model, sd, hess, _, _ = tiny_quant
+    names = set(tg.hessian_targets(model, h.quant_min_numel))
+    assert set(hess) == names and len(names) == 6 * h.num_layers
+    for n, H in hess.items():
+        cols = sd[n].shape[1]
+        assert H.shape == (cols, cols) and H.dtype == torch.float32
+        torch.testing.assert_close(H, H.T)
+        assert torch.linalg.eigvalsh(H.double()).min() > -1e-6 * H.diagonal().max()  # PSD
+        assert H.diagonal().sum() > 0
+
+
+def test_quantize_state_dict_gptq_everywhere(tiny_quant):
+    h, rt, model, sd, hess, tensors, meta = tiny_quant
+    block_mats = [n for n, t in sd.items() if n.startswith("blocks.") and t.ndim == 2]
+    assert len(block_mats) == 6 * h.num_layers
+    for n in block_mats:
+        assert meta[n]["method"] == "gptq", n
+        assert meta[n]["type"] == "int6" and meta[n]["clip_range"] == 31
+        q, s = tensors[n + ".q"], tensors[n + ".scale"]
+        assert q.dtype == torch.int8 and q.shape == sd[n].shape and int(q.abs().max()) <= 31
+        assert s.dtype == torch.float16 and s.shape == (sd[n].shape[0],)
+        assert n not in tensors
+    assert meta["tok_emb.weight"]["type"] == "int8"
+    assert set(meta) == set(sd)  # every tensor has exactly one entry
+    for n, info in meta.items():
+        if info["type"] == "passthrough":
+            assert tensors[n].dtype == torch.float16 and sd[n].numel() <= h.quant_min_numel or sd[n].ndim != 2
+
+
+def test_dequantize_state_dict_close_to_original(tiny_quant):
+    h, rt, model, sd, hess, tensors, meta = tiny_quant
+    deq = tg.dequantize_state_dict(tensors, meta, model.state_dict())
+    assert set(deq) == set(sd)
+    for n, t in deq.items():
+        assert t.shape == sd[n].shape and t.dtype == sd[n].dtype, n
+        rel = ((t - sd[n]).norm() / sd[n].norm().clamp_min(1e-12)).item()
+        bound = {"int6": 0.25, "int5": 0.5, "int8": 0.02, "passthrough": 2e-3}[meta[n]["type"]]
+        assert rel < bound, (n, meta[n], rel)
+    # the dequantized model loads and is close to the original in function
+    m2 = tg.build_model(h, rt)
+    m2.load_state_dict(deq)
+    x = torch.randint(0, h.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model.forward_logits(x), m2.forward_logits(x)
+    assert (a - b).abs().mean() < 0.2 * a.abs().mean()
+
+
+def test_dequantize_rejects_a_different_model(tiny_quant):
+    h, rt, model, sd, hess, tensors, meta = tiny_quant
+    other = tg.GPT(dataclasses.replace(h, num_layers=5)).state_dict()
+    with pytest.raises(tg.ArtifactError, match="blocks.4"):
+        tg.dequantize_state_dict(tensors, meta, other)
+    other = tg.GPT(dataclasses.replace(h, mlp_mult=2.0)).state_dict()
+    with pytest.raises(tg.ArtifactError, match="shape"):
+        tg.dequantize_state_dict(tensors, meta, other)
+
+
+def test_mixed_precision_keeps_largest_trace_int6(tiny_quant):
+    h, rt, model, sd, hess, _, _ = tiny_quant
+    h2 = dataclasses.replace(h, n_int6_layers=10)
+    tensors, meta = tg.quantize_state_dict(h2, rt, sd, hess)
+    mats = [n for n in meta if meta[n]["type"] in ("int5", "int6")]
+    six = {n for n in mats if meta[n]["type"] == "int6"}
+    five = {n for n in mats if meta[n]["type"] == "int5"}
+    assert len(six) == 10 and len(five) == len(mats) - 10
+    tr = {n: float(hess[n].diagonal().sum()) for n in mats}
+    assert min(tr[n] for n in six) >= max(tr[n] for n in five)
+    for n in five:
+        assert meta[n]["clip_range"] == 15 and int(tensors[n + ".q"].abs().max()) <= 15
+
+
+def test_no_hessian_falls_back_to_clip_search(tiny_quant):
+    h, rt, model, sd, hess, _, _ = tiny_quant
+    _, meta = tg.quantize_state_dict(h, rt, sd, {})
+    methods = {meta[n]["method"] for n in meta if meta[n]["type"] in ("int5", "int6")}
+    assert methods == {"clip_search"}
+
+
+def _prune_case():
+    g = torch.Generator().manual_seed(5)
+    tensors, meta = {}, {}
+    for name, rows, lo in (("a", 6, 0.1), ("b", 4, 0.05)):
+        q = torch.randint(-3, 4, (rows, 20), generator=g, dtype=torch.int64).to(torch.int8)
+        s = (lo + torch.rand(rows, generator=g)).half()
+        tensors[name + ".q"], tensors[name + ".scale"] = q, s
+        meta[name] = {"type": "int6"}
+    tensors["c"] = torch.randn(3, 3).half()
+    meta["c"] = {"type": "passthrough"}
+    return tensors, meta
+
+
+def _ones(tensors, meta):
+    out = []
+    for n, info in meta.items():
+        if info["type"] in ("int6", "int5"):
+            r, c = torch.nonzero(tensors[n + ".q"].abs() == 1, as_tuple=True)
+            out += [(float(tensors[n + ".scale"][i]), n, int(i), int(j)) for i, j in zip(r, c)]
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 7, 25])
+def test_prune_ones_zeroes_the_cheapest(count):
+    tensors, meta = _prune_case()
+    before = {k: v.clone() for k, v in tensors.items()}
+    ones = _ones(tensors, meta)
+    assert len(ones) > count
+    assert tg.prune_ones(tensors, meta, count) == count
+    after_ones = _ones(tensors, meta)
+    assert len(after_ones) == len(ones) - count
+    zeroed = set((n, i, j) for _, n, i, j in ones) - set((n, i, j) for _, n, i, j in after_ones)
+    assert len(zeroed) == count
+    for _, n, i, j in ones:
+        if (n, i, j) in zeroed:
+            assert tensors[n + ".q"][i, j] == 0
+    # only +-1 codes changed, nothing else
+    for n in ("a", "b"):
+        changed = tensors[n + ".q"] != before[n + ".q"]
+        assert (before[n + ".q"][changed].abs() == 1).all()
+        assert torch.equal(tensors[n + ".scale"], before[n + ".scale"])
+    assert torch.equal(tensors["c"], before["c"])
+    # the zeroed ones have the smallest row scales
+    pruned_scales = [s for s, n, i, j in ones if (n, i, j) in zeroed]
+    kept_scales = [s for s, *_ in after_ones]
+    assert max(pruned_scales) <= min(kept_scales)
+
+
+def test_prune_ones_more_than_available():
+    tensors, meta = _prune_case()
+    n = len(_ones(tensors, meta))
+    assert tg.prune_ones(tensors, meta, n + 100) == n
+    assert _ones(tensors, meta) == []
+    assert tg.prune_ones(tensors, meta, 5) == 0
+    assert tg.prune_ones(*_prune_case(), 0) == 0
