@@ -123,7 +123,7 @@ class Hyperparameters:
     quant_min_numel: int = 65536  # tensors this small are stored fp16 (lower it in tests)
     compressor: str = "brotli"
     artifact_limit_bytes: int = ARTIFACT_LIMIT_BYTES
-    size_fit: str = "prune"  # prune: zero +-1 codes until it fits; fail: stop loudly
+    size_fit: str = "prune"  # prune: zero +-1 codes until it fits; fail: stop with an error, exit 1
     artifact_path: str = "final_model.int6.ptz"
     checkpoint_path: str = "final_model.pt"
     save_checkpoint: bool = True
@@ -168,11 +168,11 @@ class Hyperparameters:
 
     @property
     def train_files(self) -> str:
-        return os.path.join(self.datasets_dir, "fineweb_train_*.bin")
+        return os.path.join(glob.escape(self.datasets_dir), "fineweb_train_*.bin")
 
     @property
     def val_files(self) -> str:
-        return os.path.join(self.datasets_dir, "fineweb_val_*.bin")
+        return os.path.join(glob.escape(self.datasets_dir), "fineweb_val_*.bin")
 
     @property
     def tokenizer_path(self) -> str:
@@ -359,6 +359,9 @@ class Runtime:
 def setup_runtime(env: typing.Mapping[str, str] | None = None) -> Runtime:
     env = os.environ if env is None else env
     distributed = "RANK" in env and "WORLD_SIZE" in env
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        raise ConfigError("RANK and WORLD_SIZE must be set together (torchrun sets both); "
+                          f"got RANK={env.get('RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}")
     try:
         world_size = int(env.get("WORLD_SIZE", "1"))
         rank = int(env.get("RANK", "0"))
@@ -670,7 +673,7 @@ class Rotary(nn.Module):
         if rd == 0:
             return x
         if T > self.train_seq_len:  # NTK-style base rescale beyond the training length
-            base = self.base * (T / self.train_seq_len) ** (rd / (rd - 2))
+            base = self.base * (T / self.train_seq_len) ** (rd / (rd - 2)) if rd > 2 else self.base
             cos, sin = self._table(T, base, x.device)
         else:
             cos, sin = self.cos[:, :T], self.sin[:, :T]
@@ -1431,11 +1434,22 @@ def unpack_container(blob: bytes) -> tuple[dict[str, Tensor], dict, dict]:
     try:
         head = json.loads(blob[8:8 + n].decode())
         index, meta, extra = head["tensors"], head["meta"], head["extra"]
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"artifact header is corrupt: {e}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"artifact header is corrupt: {e!r}") from None
+
+    def is_nat(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not (isinstance(index, list) and isinstance(meta, dict) and isinstance(extra, dict)):
+        raise ArtifactError("artifact header is corrupt: wrong layout")
     data = memoryview(blob)[8 + n:]
     tensors = {}
-    for name, dtype, shape, off, nbytes in index:
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
+                and isinstance(entry[1], str) and isinstance(entry[2], list) and all(map(is_nat, entry[2]))
+                and is_nat(entry[3]) and is_nat(entry[4])):
+            raise ArtifactError(f"artifact header is corrupt: bad tensor entry {str(entry)[:80]}")
+        name, dtype, shape, off, nbytes = entry
         if dtype not in _DTYPES:
             raise ArtifactError(f"artifact tensor {name} has unsupported dtype {dtype}")
         dt = _DTYPES[dtype]
@@ -1893,6 +1907,7 @@ def score_line(label: str, loss: float, bpb: float, seconds: float, legal: bool,
 
 def fit_artifact(h: Hyperparameters, tensors, meta, extra, code_bytes: int) -> bytes:
     """Compress; while over the cap, zero the cheapest +-1 codes (SIZE_FIT=prune) or fail."""
+    extra["pruned_codes"] = 0
     blob = serialize_artifact(tensors, meta, extra, h.compressor)
     pruned = 0
     for attempt in range(8):
@@ -1904,9 +1919,9 @@ def fit_artifact(h: Hyperparameters, tensors, meta, extra, code_bytes: int) -> b
         if n == 0:
             break
         pruned += n
+        extra["pruned_codes"] = pruned
         log(f"size_fit: over by {excess} bytes; zeroed {n} +-1 codes (total {pruned}), recompressing")
         blob = serialize_artifact(tensors, meta, extra, h.compressor)
-    extra["pruned_codes"] = pruned
     return blob
 
 
@@ -1998,6 +2013,9 @@ def run(h: Hyperparameters, rt: Runtime) -> dict:
         reasons.append(f"artifact {total} bytes > {h.artifact_limit_bytes}")
         log(f"ARTIFACT OVER LIMIT: total {total} bytes > {h.artifact_limit_bytes} by {total - h.artifact_limit_bytes} "
             f"bytes. This run is NOT a valid submission (SIZE_FIT={h.size_fit}).")
+        if h.size_fit == "fail" and not h.load_artifact:
+            raise ArtifactError(f"artifact {total} bytes is over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} "
+                                f"and SIZE_FIT=fail: stopping before evaluation (the artifact is at {h.artifact_path})")
     legal = not reasons
 
     def fresh_model() -> GPT:

@@ -23,7 +23,9 @@ sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
 
-torch.set_num_threads(2)
+# One intra-op thread: the tensors are tiny, and with 2 threads OpenMP spin-waits stall
+# badly whenever the 2 cores are shared with the e2e subprocesses.
+torch.set_num_threads(1)
 
 # A 4-block model that exercises every feature: GQA, XSA, partial RoPE, VE, recurrence
 # (1,2 repeated from step 3), skip gates; QUANT_MIN_NUMEL lowered so GPTQ really runs.
@@ -97,11 +99,12 @@ def rt_cpu() -> tg.Runtime:
     return tg.Runtime.single("cpu")
 
 
+def hparams_env(h: tg.Hyperparameters) -> dict[str, str]:
+    """A config as environment variables (for subprocess/torchrun runs of main())."""
+    return {f.name.upper(): str(int(v)) if isinstance(v, bool) else str(v)
+            for f in dataclasses.fields(h) for v in [getattr(h, f.name)]}
+
+
 @pytest.fixture
 def tiny_env(tiny_h) -> dict[str, str]:
-    """The tiny config as environment variables (for subprocess/torchrun runs of main())."""
-    env = {}
-    for f in dataclasses.fields(tiny_h):
-        v = getattr(tiny_h, f.name)
-        env[f.name.upper()] = str(int(v)) if isinstance(v, bool) else str(v)
-    return env
+    return hparams_env(tiny_h)

@@ -1,4 +1,4 @@
-"""CONFIG/RUNTIME: env parsing, seed defaults, errors naming the variable, typo warnings, exit code 2 (python3 -m pytest -q tests/test_config.py)."""
+"""CONFIG/RUNTIME: env parsing, defaults, errors, typo warnings. Run: python3 -m pytest -q tests/test_config.py"""
 from __future__ import annotations
 
 import dataclasses
@@ -131,6 +131,15 @@ def test_setup_runtime_single_process_without_torchrun_vars():
     assert rt.is_main
     assert tg.Runtime(rank=1, world_size=4).grad_accum_steps == 2
     assert not tg.Runtime(rank=1, world_size=4).is_main
+
+
+def test_world_size_without_rank_is_consistent():
+    try:
+        rt = tg.setup_runtime({"WORLD_SIZE": "2"})
+    except tg.ConfigError as e:  # acceptable: refuse, naming the variables
+        assert "RANK" in str(e) and "WORLD_SIZE" in str(e)
+        return
+    assert rt.distributed or rt.world_size == 1, rt  # or: run as the single process it is
 
 
 def test_env_typo_warnings():

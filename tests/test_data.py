@@ -1,4 +1,4 @@
-"""DATA: shard format and its errors, validation tokens, the seeded TokenLoader and rank slicing (python3 -m pytest -q tests/test_data.py)."""
+"""DATA: shards, validation tokens, TokenLoader, rank slices. Run: python3 -m pytest -q tests/test_data.py"""
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +30,7 @@ def make_data_dir(root: Path, lengths=(3000, 2200, 50, 1700), vocab: int = VOCAB
 
 
 def loader_for(data_dir: str, seed: int = 1, global_seqs: int = 24, seq: int = SEQ, vocab: int = VOCAB):
-    pattern = os.path.join(data_dir, "datasets", f"fineweb10B_sp{vocab}", "fineweb_train_*.bin")
+    pattern = tg.Hyperparameters(data_dir=data_dir, vocab_size=vocab).train_files  # the path the trainer uses
     return tg.TokenLoader(pattern, seq, global_seqs, seed, vocab)
 
 
@@ -172,6 +172,11 @@ def test_order_does_not_depend_on_path_spelling(tmp_path):
     ref = draws(loader_for(spellings[0], seed=3))
     for s in spellings[1:]:
         assert draws(loader_for(s, seed=3)) == ref, s
+
+
+def test_data_dir_with_glob_metacharacters(tmp_path):
+    root = make_data_dir(tmp_path / "run[1]")
+    assert draws(loader_for(str(root), seed=3)) == draws(loader_for(str(make_data_dir(tmp_path / "plain")), seed=3))
 
 
 def test_windows_lie_inside_their_shard(tmp_path):

@@ -1,4 +1,4 @@
-"""MODEL: parameter count, causality (with recurrence), initial loss, forward/logits agreement, virtual layers (python3 -m pytest -q tests/test_model.py)."""
+"""MODEL: size, causality, initial loss, forward vs logits, recurrence. Run: python3 -m pytest -q tests/test_model.py"""
 from __future__ import annotations
 
 import dataclasses
@@ -148,9 +148,6 @@ def test_rotary_beyond_training_length_rescales():
     torch.testing.assert_close(y[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1))
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="BUG: Rotary NTK rescale divides by rope_dims-2; ROPE_DIMS=2 (allowed by validate) "
-                          "crashes whenever the sequence is longer than TRAIN_SEQ_LEN")
 def test_rotary_two_dims_beyond_training_length():
     h = dataclasses.replace(TINY, vocab_size=64, rope_dims=2, train_seq_len=32, eval_seq_len=64, eval_stride=32,
                             ttt_chunk=2048, pre_quant_ttt_chunk=2048)

@@ -1,4 +1,4 @@
-"""OPTIM: parameter routing, Newton-Schulz orthogonalisation, LR/momentum schedules, Muon convergence (python3 -m pytest -q tests/test_optim.py)."""
+"""OPTIM: routing, Newton-Schulz, LR/momentum schedules, Muon. Run: python3 -m pytest -q tests/test_optim.py"""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +23,8 @@ def _check_routing(model: tg.GPT) -> dict:
     assert names == {n for n, _ in model.named_parameters()}
     for _, p in groups["muon"]:
         assert p.ndim == 2
-    assert {n for n, _ in groups["tok"]} == {"tok_emb.weight"} | ({"ve_shared.embed.weight"} if model.ve_layers else set())
+    ve = {"ve_shared.embed.weight"} if model.ve_layers else set()
+    assert {n for n, _ in groups["tok"]} == {"tok_emb.weight"} | ve
     for n, p in groups["scalar"]:
         assert tg.is_control(n, p)
     return groups

@@ -51,7 +51,7 @@ PER_RUN_FIELDS = {"seed", "run_id", "data_dir", "artifact_path", "checkpoint_pat
 
 NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf|-inf"
 RX = {name: re.compile(pat) for name, pat in {
-    "hparam": r"  ([a-z_][a-z0-9_]*): (.*)",
+    "hparam": r"  ([a-z_][a-z0-9_]*):(?: (.*))?",
     "world": r"world_size: (\d+) grad_accum_steps: (\d+) device: (\S+) attention: (\S+)",
     "python": r"Running Python (\S+).*",
     "pytorch": r"Running PyTorch (\S+)",
@@ -244,7 +244,8 @@ def parse_text(text: str, path: str = "<log>") -> RunLog:
     r = RunLog(path=path)
     state, prev, expect_code = "pre", "", False
     last_meaningful = (0, "")
-    for n, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         line = line.rstrip("\r")
         if state in ("pre", "normal") and line == "Hyperparameters:":
             n_runs = r.n_runs + 1
@@ -254,14 +255,17 @@ def parse_text(text: str, path: str = "<log>") -> RunLog:
         elif state == "hp":
             m = RX["hparam"].fullmatch(line)
             if m:
-                r.hparams[m.group(1)] = m.group(2)
-            else:
-                state = "code" if expect_code else "normal"
+                r.hparams[m.group(1)] = m.group(2) or ""
+            elif expect_code:  # file log: everything up to the separator is the header
+                state = "code"
                 if not _parse_world(r, line):
-                    state = "normal"
-                    last_meaningful = _parse_body(r, n, line) or last_meaningful
+                    r.source_lines.append(line)
+            else:  # console capture: no source dump
+                state = "normal"
+                last_meaningful = _parse_body(r, n, line) or last_meaningful
         elif state == "code":
-            if line == SEP:
+            # the source ends at the separator that is followed by "Running Python" (or the end of the file)
+            if line == SEP and (n == len(lines) or lines[n].startswith("Running Python")):
                 state = "env"
             else:
                 r.source_lines.append(line)
@@ -371,6 +375,10 @@ def _check(r: RunLog) -> None:
             n, text = r.last_line
             P.append(f"no final_score line: the log stops {_stopped_during(r)} (last line {n}: `{text[:120]}`); "
                      "the run crashed, was killed or is still running")
+    if (r.code_bytes is None and r.loaded_from.startswith("LOAD_ARTIFACT")
+            and None not in (r.total_bytes, r.model_bytes)):
+        r.code_bytes = r.total_bytes - r.model_bytes
+        r.notes.append(f"code bytes {r.code_bytes} = total - model ({r.loaded_from} runs do not log `Code size`)")
     if r.status == "ok":
         for what, ok in (("a `Total submission size` line", r.total_bytes is not None),
                          ("a `Serialized model` line", r.model_bytes is not None),
@@ -400,6 +408,8 @@ def _check(r: RunLog) -> None:
             P.append(f"the log says the artifact {'fits' if verdict == 'fits' else 'is over'} (limit:{limit}) but "
                      f"{r.total_bytes:,} bytes is {'over' if r.total_bytes > CAP_BYTES else 'under'} the "
                      f"{CAP_BYTES:,}-byte cap: the table uses the cap")
+    if r.status == "ok" and P:
+        r.status = "INCONSISTENT"
     # notes (not problems)
     N = r.notes
     if r.world_size is not None and r.world_size < 8:
@@ -421,7 +431,7 @@ def _stopped_during(r: RunLog) -> str:
         return f"during training{step}"
     if r.total_bytes is None:
         return "during quantization/serialization"
-    done = [k for k, _ in SCORE_COLUMNS if k in r.scores and k.startswith("final_")]
+    done = [k for k in r.scores if k.startswith("final_")]  # in the order the log printed them
     return f"during evaluation (after {done[-1]})" if done else "during evaluation"
 
 
@@ -445,7 +455,8 @@ def cross_checks(runs: list[RunLog]) -> tuple[list[str], list[str]]:
             seen.setdefault(r.seed, []).append(r.name)
     for seed, names in seen.items():
         if len(names) > 1:
-            problems.append(f"seed {seed} appears in {len(names)} logs ({', '.join(names)}): the mean would count it twice")
+            problems.append(f"seed {seed} appears in {len(names)} logs ({', '.join(names)}): "
+                            "the mean would count it twice")
     metrics = {r.final_metric for r in runs if r.final_metric}
     if len(metrics) > 1:
         problems.append("the final metric differs between logs (" + ", ".join(
@@ -454,7 +465,8 @@ def cross_checks(runs: list[RunLog]) -> tuple[list[str], list[str]]:
     codes = {r.code_bytes for r in ok if r.code_bytes is not None}
     if len(codes) > 1:
         notes.append("code size differs between logs (" + ", ".join(
-            f"{r.label}: {r.code_bytes}" for r in ok if r.code_bytes is not None) + "): different train_gpt.py versions")
+            f"{r.label}: {r.code_bytes}" for r in ok if r.code_bytes is not None)
+            + "): different train_gpt.py versions")
     if ok:
         keys = sorted(set().union(*(r.hparams for r in ok)) - PER_RUN_FIELDS)
         for k in keys:
@@ -696,7 +708,8 @@ def reproduction(runs: list[RunLog], script: Path | None, nproc: int | None = No
              f"    torchrun --standalone --nproc_per_node={ws} train_gpt.py",
              "done",
              "# or, from the project root, with the runner:",
-             f"python3 tools/run_seeds.py --nproc {ws} --seeds {','.join(seeds.split())} --prefix train {env_s}".rstrip()]
+             f"python3 tools/run_seeds.py --nproc {ws} --seeds {','.join(seeds.split())} --prefix train "
+             f"{env_s}".rstrip()]
     if differs:
         lines.insert(0, "# differs between the logs (set per seed as they were): " + ", ".join(differs))
     return "\n".join(lines)

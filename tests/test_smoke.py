@@ -1,0 +1,207 @@
+"""End-to-end main() runs (TINY, 1 process and 2-process gloo). Run: python3 -m pytest -q tests/test_smoke.py"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_gpt as tg
+
+from conftest import TINY, hparams_env
+
+# ~60 s of subprocess runs on 2 cores: marked so that `-m "not slow"` can skip them (CI runs them).
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "train_gpt.py")
+# Line prefixes (the log also holds the hyperparameters and the source, so match whole line starts).
+FINAL_LINES = ["pre-quantization post-ema val_loss:", "final_int6_roundtrip val_loss:",
+               "final_int6_sliding_window val_loss:", "final_int6_ttt_etlb val_loss:", "Total submission size",
+               "final_score metric:", "eval_time_total:", "stage:gptq seconds:"]
+
+
+def tiny_env_for(dataset, workdir: Path, **over: str) -> dict[str, str]:
+    """The conftest `tiny_env` (TINY as environment variables), for a module-scoped run directory."""
+    data_dir, vocab = dataset
+    h = dataclasses.replace(TINY, data_dir=str(data_dir) + "/", vocab_size=vocab, run_id="test",
+                            artifact_path=str(workdir / "model.ptz"), checkpoint_path=str(workdir / "model.pt"))
+    env = hparams_env(h)
+    env.update(over)
+    return env
+
+
+def base_env() -> dict[str, str]:
+    names = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
+    names |= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env["OMP_NUM_THREADS"] = "1"  # as torchrun sets it; avoids OpenMP spin-waits on a shared 2-core box
+    return env
+
+
+class Run:
+    def __init__(self, cwd: Path, proc: subprocess.CompletedProcess):
+        self.cwd, self.proc = cwd, proc
+        log = cwd / "logs" / "test.txt"
+        self.log = log.read_text(encoding="utf-8") if log.exists() else ""
+
+    def has(self, prefix: str, text: str | None = None) -> bool:
+        return any(ln.startswith(prefix) for ln in (self.log if text is None else text).splitlines())
+
+    def line(self, prefix: str) -> str:
+        hits = [ln for ln in self.log.splitlines() if ln.startswith(prefix)]
+        assert hits, f"no line starting with {prefix!r} in the log:\n{self.log[-3000:]}"
+        return hits[-1]
+
+    def number(self, prefix: str, key: str) -> float:
+        m = re.search(rf"{re.escape(key)}\s*(-?[0-9.]+(?:e-?\d+)?)", self.line(prefix))
+        assert m, (prefix, key, self.line(prefix))
+        return float(m.group(1))
+
+    def check_ok(self) -> None:
+        assert self.proc.returncode == 0, (self.proc.stdout[-3000:], self.proc.stderr[-3000:])
+        assert "Traceback" not in self.proc.stderr
+
+
+def main_run(cwd: Path, env: dict[str, str], nproc: int = 1, timeout: int = 300) -> Run:
+    cwd.mkdir(parents=True, exist_ok=True)
+    if nproc == 1:
+        cmd = [sys.executable, SCRIPT]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
+    proc = subprocess.run(cmd, cwd=cwd, env={**base_env(), **env}, capture_output=True, text=True, timeout=timeout)
+    return Run(cwd, proc)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture(scope="module")
+def base_run(dataset, workdir) -> Run:
+    """One full TINY run (train, GPTQ, artifact, all default evals); it keeps its checkpoint for the variants."""
+    run = main_run(workdir / "base", tiny_env_for(dataset, workdir / "base", SAVE_CHECKPOINT="1"))
+    run.check_ok()
+    return run
+
+
+def test_tiny_main_run_prints_every_final_line(base_run):
+    for key in FINAL_LINES:
+        assert base_run.has(key, base_run.proc.stdout), key
+        assert base_run.has(key), key
+    assert (base_run.cwd / "logs" / "test.txt").is_file()
+    assert base_run.line("final_int6_roundtrip").endswith("legal:1")
+    assert base_run.line("final_int6_ttt_etlb").endswith("legal:1")
+    assert re.search(r"final_score metric:final_int6_ttt_etlb val_bpb:[0-9.]+ legal:1$", base_run.line("final_score"))
+    # ablation-only and pre-quant-TTT lines are absent by default
+    assert not base_run.has("final_int6_sliding_window_etlb") and not base_run.has("final_int6_ttt val_loss")
+    assert not base_run.has("pre_quant_ttt") and not base_run.has("ARTIFACT OVER LIMIT")
+    assert not any("legal:0" in ln for ln in base_run.log.splitlines() if ln.startswith(("final", "pre")))
+    assert base_run.number("6/6 train_loss", "train_loss:") < base_run.number("1/6 train_loss", "train_loss:")
+    assert base_run.has("recurrence:activated step:3")
+    assert base_run.has("GPTQ quantization: 24 layers with full GPTQ, 0 fallback")
+
+
+def test_tiny_main_run_sizes_add_up(base_run):
+    code = base_run.number("Code size:", "Code size:")
+    model = base_run.number("Serialized model int6+brotli:", "brotli:")
+    total = base_run.number("Total submission size", "brotli:")
+    assert total == code + model
+    assert model == (base_run.cwd / "model.ptz").stat().st_size
+    assert code == tg.code_size()[1]
+    assert (base_run.cwd / "model.pt").is_file()
+    assert base_run.has("artifact: fits")
+
+
+def test_scores_are_sane(base_run):
+    pre = base_run.number("pre-quantization post-ema", "val_bpb:")
+    rt = base_run.number("final_int6_roundtrip", "val_bpb:")
+    sw = base_run.number("final_int6_sliding_window ", "val_bpb:")
+    final = base_run.number("final_score", "val_bpb:")
+    assert 0 < pre < 20 and abs(rt - pre) < 0.1 * pre  # int6 roundtrip stays close to the float model
+    assert abs(sw - rt) < 0.1 * rt
+    assert final == base_run.number("final_int6_ttt_etlb", "val_bpb:")
+
+
+def test_eval_ablations_add_lines(dataset, workdir, base_run):
+    # evaluation only (the base run's artifact); one TTT epoch and stride 64 keep it quick
+    env = tiny_env_for(dataset, workdir / "abl", EVAL_ABLATIONS="1", LOAD_ARTIFACT=str(base_run.cwd / "model.ptz"),
+                       TTT_EPOCHS="1", EVAL_STRIDE="64")
+    run = main_run(workdir / "abl", env)
+    run.check_ok()
+    for key in ("final_int6_sliding_window_etlb val_loss:", "final_int6_ttt val_loss:", "final_int6_ttt_etlb val_loss:",
+                "final_int6_roundtrip val_loss:", "final_int6_sliding_window val_loss:"):
+        assert run.has(key), key
+    # the artifact evaluated is the base run's: the same roundtrip score
+    assert run.number("final_int6_roundtrip", "val_bpb:") == base_run.number("final_int6_roundtrip", "val_bpb:")
+    assert run.has("final_score metric:final_int6_ttt_etlb") and run.line("final_score").endswith("legal:1")
+
+
+def test_pre_quant_ttt_is_labelled_not_legal(dataset, workdir, base_run):
+    env = tiny_env_for(dataset, workdir / "pq", PRE_QUANT_TTT="1", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"),
+                       TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+    run = main_run(workdir / "pq", env)
+    run.check_ok()
+    assert run.has("pre_quant_ttt_scorefirst val_loss:")
+    line = run.line("final_int6_roundtrip val_loss:")
+    assert "legal:0" in line and "NOT leaderboard-legal" in line, line
+    assert re.search(r"final_score .* legal:0", run.line("final_score"))
+    assert "legal:1" not in run.line("final_score")
+    # the checkpoint is the base run's EMA model: the same pre-quantization score
+    pre = "pre-quantization post-ema"
+    assert run.number(pre, "val_bpb:") == base_run.number(pre, "val_bpb:")
+
+
+def test_size_fit_prune(dataset, workdir, base_run):
+    natural = int(base_run.number("Total submission size", "brotli:"))
+    limit = natural - 2000
+    env = tiny_env_for(dataset, workdir / "prune", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"), SIZE_FIT="prune",
+                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+    run = main_run(workdir / "prune", env)
+    run.check_ok()
+    first = run.line("size_fit: over by")
+    over = int(re.search(r"over by (\d+) bytes", first).group(1))
+    assert 0 < over <= 2000  # the same checkpoint quantizes to the base run's size
+    total = int(run.number("Total submission size", "brotli:"))
+    assert total <= limit
+    assert not run.has("ARTIFACT OVER LIMIT") and run.has("artifact: fits")
+    assert run.line("final_score").endswith("legal:1")
+    _, _, extra = tg.deserialize_artifact((workdir / "prune" / "model.ptz").read_bytes())
+    assert extra["pruned_codes"] > 0  # the artifact records how many codes were zeroed
+    # pruning costs a little quality, not a lot
+    rt_base = base_run.number("final_int6_roundtrip", "val_bpb:")
+    assert abs(run.number("final_int6_roundtrip", "val_bpb:") - rt_base) < 0.1 * rt_base
+
+
+def test_size_fit_fail(dataset, workdir, base_run):
+    env = tiny_env_for(dataset, workdir / "fail", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"), SIZE_FIT="fail",
+                       ARTIFACT_LIMIT_BYTES="1000", TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+    run = main_run(workdir / "fail", env)
+    assert "Traceback" not in run.proc.stderr
+    assert run.proc.returncode == 1  # SIZE_FIT=fail stops the run with an error
+    assert run.has("ARTIFACT OVER LIMIT")
+    assert run.has("error: ArtifactError") and "SIZE_FIT=fail" in run.line("error: ArtifactError")
+    assert not run.has("final_int6_roundtrip") and not run.has("final_score")  # no score is reported
+    assert not run.has("size_fit: over by")  # nothing was pruned
+
+
+def test_two_process_gloo_agrees_with_one_process(dataset, workdir, base_run):
+    env = tiny_env_for(dataset, workdir / "ddp", TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+    run = main_run(workdir / "ddp", env, nproc=2)
+    run.check_ok()
+    assert run.has("world_size: 2 grad_accum_steps: 4")
+    # the same global batches: the scores agree up to float summation order (train_loss lines are
+    # rank 0's share of the batch, so they are not compared)
+    v1, v2 = run.number("6/6 val_loss", "val_bpb:"), base_run.number("6/6 val_loss", "val_bpb:")
+    assert v1 == pytest.approx(v2, rel=1e-3)
+    b1 = run.number("pre-quantization post-ema", "val_bpb:")
+    b2 = base_run.number("pre-quantization post-ema", "val_bpb:")
+    assert b1 == pytest.approx(b2, rel=1e-3)
+    r1, r2 = run.number("final_int6_roundtrip", "val_bpb:"), base_run.number("final_int6_roundtrip", "val_bpb:")
+    assert r1 == pytest.approx(r2, rel=1e-2)
+    assert run.line("final_score").endswith("legal:1")
