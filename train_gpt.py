@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import difflib
 import glob
-import io
 import json
 import lzma
 import math
@@ -32,7 +31,6 @@ import subprocess
 import sys
 import time
 import typing
-import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 

@@ -81,6 +81,21 @@ def build_dataset(root: Path) -> tuple[Path, int]:
     return root, vocab
 
 
+def perturbed_tiny_model(dataset, seed: int = 0):
+    """(h, rt, model): TINY on CPU with random non-zero projections (the zero-initialised ones
+    would make quantization and context trivial)."""
+    data_dir, vocab = dataset
+    h = dataclasses.replace(TINY, data_dir=str(data_dir) + "/", vocab_size=vocab)
+    rt = tg.Runtime.single("cpu")
+    tg.configure_logging(None, False)
+    torch.manual_seed(seed)
+    model = tg.build_model(h, rt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return h, rt, model
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> tuple[Path, int]:
     return build_dataset(tmp_path_factory.mktemp("data"))

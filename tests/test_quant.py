@@ -95,16 +95,8 @@ def test_int8_rows_round_trip():
 @pytest.fixture(scope="module")
 def tiny_quant(dataset):
     """A TINY model with random (non-zero) projections, its Hessians and its quantized state dict."""
-    from conftest import TINY
-    data_dir, vocab = dataset
-    h = dataclasses.replace(TINY, data_dir=str(data_dir) + "/", vocab_size=vocab)
-    rt = tg.Runtime.single("cpu")
-    tg.configure_logging(None, False)
-    torch.manual_seed(0)
-    model = tg.build_model(h, rt)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    from conftest import perturbed_tiny_model
+    h, rt, model = perturbed_tiny_model(dataset)
     hess = tg.collect_hessians(h, rt, model, tg.new_train_loader(h))
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors, meta = tg.quantize_state_dict(h, rt, sd, hess)

@@ -17,7 +17,7 @@ import torch
 
 import train_gpt as tg
 
-from conftest import TINY
+from conftest import TINY, perturbed_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CODECS = ["brotli", "lzma"]
@@ -225,15 +225,7 @@ def test_loader_never_unpickles(tmp_path, monkeypatch, rt_cpu):
 
 @pytest.fixture(scope="module")
 def tiny_artifact(dataset):
-    data_dir, vocab = dataset
-    h = dataclasses.replace(TINY, data_dir=str(data_dir) + "/", vocab_size=vocab)
-    rt = tg.Runtime.single("cpu")
-    tg.configure_logging(None, False)
-    torch.manual_seed(0)
-    model = tg.build_model(h, rt)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    h, rt, model = perturbed_tiny_model(dataset)
     model.recurrence_active = True
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors, meta = tg.quantize_state_dict(h, rt, sd, {})
