@@ -1306,17 +1306,19 @@ def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor],
     n_gptq = n_fallback = 0
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in full fp32
-    for i, n in enumerate(mats):  # this rank's share, on its device
-        if i % rt.world_size != rt.rank:
-            continue
-        cr = 2 ** (bits[n] - 1) - 1
-        W = sd[n].to(rt.device)
-        if n in hessians:
-            q, s = gptq_quantize_weight(W, hessians[n].to(rt.device), clip_range=cr)
-        else:
-            q, s = quantize_rtn(W, cr)
-        out[n + ".q"], out[n + ".scale"] = q, s
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for i, n in enumerate(mats):  # this rank's share, on its device
+            if i % rt.world_size != rt.rank:
+                continue
+            cr = 2 ** (bits[n] - 1) - 1
+            W = sd[n].to(rt.device)
+            if n in hessians:
+                q, s = gptq_quantize_weight(W, hessians[n].to(rt.device), clip_range=cr)
+            else:
+                q, s = quantize_rtn(W, cr)
+            out[n + ".q"], out[n + ".scale"] = q, s
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     for i, n in enumerate(mats):  # share results: every rank ends with every matrix
         owner = i % rt.world_size
         if rt.world_size > 1:
@@ -1840,17 +1842,25 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     return meter.result(rt)
 
 
+def train_only_blocks(model: GPT, first: int) -> list[nn.Parameter]:
+    """Freeze everything but blocks[first:]; returns the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for b in model.blocks[first:] for p in b.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
              use_etlb: bool, trace=None, meter: BpbMeter | None = None) -> tuple[float, float]:
     """Legal score-first TTT on the dequantized model: cosine lr over chunks, grad clip."""
     if h.ttt_freeze > 0:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = [p for b in model.blocks[h.ttt_freeze:] for p in b.parameters()]
+        params = train_only_blocks(model, h.ttt_freeze)
     else:
         params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
+        for p in params:
+            p.requires_grad_(True)
 
     def make_opt(ps):
         if h.ttt_optimizer == "adamw":
@@ -1869,11 +1879,7 @@ def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
                   trace=None, meter: BpbMeter | None = None) -> tuple[float, float]:
     """The requested recipe: AdamW on blocks[FREEZE:], chunks scored first; adapts `model`."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [p for b in model.blocks[h.pre_quant_ttt_freeze:] for p in b.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = train_only_blocks(model, h.pre_quant_ttt_freeze)
     log(f"pre_quant_ttt: trainable_params:{sum(p.numel() for p in params)} chunk:{h.pre_quant_ttt_chunk} "
         f"lr:{h.pre_quant_ttt_lr} epochs:{h.pre_quant_ttt_epochs}")
     try:
@@ -1905,9 +1911,8 @@ def score_line(label: str, loss: float, bpb: float, seconds: float, legal: bool,
 
 def fit_artifact(h: Hyperparameters, tensors, meta, extra, code_bytes: int) -> bytes:
     """Compress; while over the cap, zero the cheapest +-1 codes (SIZE_FIT=prune) or fail."""
-    extra["pruned_codes"] = 0
+    extra["pruned_codes"] = 0  # recorded in the artifact
     blob = serialize_artifact(tensors, meta, extra, h.compressor)
-    pruned = 0
     for attempt in range(8):
         total = len(blob) + code_bytes
         if total <= h.artifact_limit_bytes or h.size_fit == "fail":
@@ -1916,9 +1921,8 @@ def fit_artifact(h: Hyperparameters, tensors, meta, extra, code_bytes: int) -> b
         n = prune_ones(tensors, meta, max(8 * excess, 1000) * (attempt + 1))
         if n == 0:
             break
-        pruned += n
-        extra["pruned_codes"] = pruned
-        log(f"size_fit: over by {excess} bytes; zeroed {n} +-1 codes (total {pruned}), recompressing")
+        extra["pruned_codes"] += n
+        log(f"size_fit: over by {excess} bytes; zeroed {n} +-1 codes (total {extra['pruned_codes']}), recompressing")
         blob = serialize_artifact(tensors, meta, extra, h.compressor)
     return blob
 
