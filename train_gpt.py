@@ -118,10 +118,12 @@ class Hyperparameters:
     gptq_calibration_batches: int = 64
     gptq_reserve_seconds: float = 10.0
     n_int6_layers: int = 66
+    gptq_clip: str = "sdclip"  # sdclip: scale = GPTQ_SIGMAS*std(row)/31; percentile: the record's search
+    gptq_sigmas: float = 12.85
     quant_min_numel: int = 65536  # tensors this small are stored fp16 (lower it in tests)
     compressor: str = "brotli"
     artifact_limit_bytes: int = ARTIFACT_LIMIT_BYTES
-    size_fit: str = "prune"  # prune: zero +-1 codes until it fits; fail: stop with an error, exit 1
+    size_fit: str = "auto"  # auto: raise GPTQ_SIGMAS (sdclip) then prune; prune: zero +-1 codes; fail: exit 1
     artifact_path: str = "final_model.int6.ptz"
     checkpoint_path: str = "final_model.pt"
     save_checkpoint: bool = True
@@ -143,6 +145,7 @@ class Hyperparameters:
     ttt_momentum: float = 0.9
     ttt_epochs: int = 3
     ttt_chunk: int = 32768
+    ttt_batch_seqs: int = 0  # sequences per TTT optimizer step (global); 0 = the whole chunk, one step
     ttt_grad_clip: float = 1.0
     ttt_optimizer: str = "sgd"  # sgd (momentum TTT_MOMENTUM) or adamw (weight decay 0)
     ttt_freeze: int = 0  # blocks[:TTT_FREEZE] and the embeddings stay fixed when > 0
@@ -218,7 +221,7 @@ class Hyperparameters:
         nonneg = ["warmup_steps", "train_log_every", "val_loss_every", "max_wallclock_seconds",
                   "gptq_calibration_batches", "gptq_reserve_seconds", "etlb_steps", "ttt_epochs",
                   "pre_quant_ttt_epochs", "recur_start_step", "muon_momentum_warmup_steps",
-                  "grad_clip_norm", "min_lr", "ttt_grad_clip", "xsa_last_n", "n_int6_layers"]
+                  "grad_clip_norm", "min_lr", "ttt_grad_clip", "xsa_last_n", "n_int6_layers", "ttt_batch_seqs"]
         for n in nonneg:
             if getattr(self, n) < 0:
                 bad(n.upper(), "must be >= 0")
@@ -263,8 +266,12 @@ class Hyperparameters:
             bad("TTT_OPTIMIZER", "must be sgd or adamw")
         if not 0 <= self.ttt_freeze < self.num_layers:
             bad("TTT_FREEZE", f"must be in [0, NUM_LAYERS={self.num_layers})")
-        if self.size_fit not in ("prune", "fail"):
-            bad("SIZE_FIT", "must be prune or fail")
+        if self.size_fit not in ("auto", "prune", "fail"):
+            bad("SIZE_FIT", "must be auto, prune or fail")
+        if self.gptq_clip not in ("sdclip", "percentile"):
+            bad("GPTQ_CLIP", "must be sdclip or percentile")
+        if not 1.0 <= self.gptq_sigmas <= 1000.0:
+            bad("GPTQ_SIGMAS", "must be in [1, 1000] (row clip in standard deviations)")
         if self.pre_quant_ttt and not 0 <= self.pre_quant_ttt_freeze < self.num_layers:
             bad("PRE_QUANT_TTT_FREEZE", f"must be in [0, NUM_LAYERS={self.num_layers}) to leave a block to adapt")
         if self.load_checkpoint and self.load_artifact:
@@ -1162,14 +1169,18 @@ def train_model(h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts: "Byte
 
 # =============================================================================
 # QUANT
-# Full-Hessian GPTQ (act-order, block 128, 1% damping, 5 clip percentiles judged by weight
-# MSE, fp16 row scales floored at 1/clip) at int6 on the attention/MLP matrices; int8 per-row
-# for the embeddings; fp16 for tensors of QUANT_MIN_NUMEL elements or fewer. The five clip
-# candidates run as one stacked GPTQ pass, on the GPU, with matrices split across ranks.
+# Full-Hessian GPTQ (act-order, block 128, 1% damping) at int6 on the attention/MLP matrices;
+# int8 per-row for the embeddings; fp16 for tensors of QUANT_MIN_NUMEL elements or fewer.
+# Row scales (GPTQ_CLIP): "sdclip" = GPTQ_SIGMAS * std(row) / 31 (scale-invariant; the artifact
+# size follows the sigma multiplier), or "percentile" = the record's 5 clip percentiles judged
+# by weight MSE with scales floored at 1/31 (run as one stacked GPTQ pass). On the GPU, with
+# matrices split across ranks.
 # =============================================================================
 
 GPTQ_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 INT8_CLIP_Q = 0.9999984
+SIZE_FIT_MARGIN_BYTES = 16_000  # SIZE_FIT=auto aims this far (at most 0.1%) under the cap
+SDCLIP_MIN_SCALE = 1e-6  # fp16-representable floor for all-zero rows
 
 
 def quant_category(name: str) -> str:
@@ -1228,12 +1239,19 @@ def _row_clip(W: Tensor, pct: float) -> Tensor:
     return a.amax(dim=1) if pct >= 1.0 else torch.quantile(a, pct, dim=1)
 
 
-def quantize_rtn(W: Tensor, clip_range: int) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest per row with the same clip search (fallback without a Hessian)."""
+def candidate_scales(W: Tensor, clip_range: int, clip: str, sigmas: float) -> Tensor:
+    """(candidates, rows) fp16 row scales: one SDClip scale, or the record's 5 floored percentiles."""
+    if clip == "sdclip":
+        return (sigmas * W.std(dim=1) / clip_range).clamp_min(SDCLIP_MIN_SCALE).half()[None]
+    return torch.stack([(_row_clip(W, p) / clip_range).clamp_min(1.0 / clip_range)
+                        for p in GPTQ_PERCENTILES]).half()
+
+
+def quantize_rtn(W: Tensor, clip_range: int, clip: str = "sdclip", sigmas: float = 12.85) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest per row at the same candidate scales (fallback without a Hessian)."""
     W = W.float()
     best = None
-    for pct in GPTQ_PERCENTILES:
-        s = (_row_clip(W, pct) / clip_range).clamp_min(1.0 / clip_range).half()
+    for s in candidate_scales(W, clip_range, clip, sigmas):
         q = torch.clamp(torch.round(W / s.float()[:, None]), -clip_range, clip_range)
         err = (W - q * s.float()[:, None]).pow(2).mean().item()
         if best is None or err < best[0]:
@@ -1241,7 +1259,8 @@ def quantize_rtn(W: Tensor, clip_range: int) -> tuple[Tensor, Tensor]:
     return best[1], best[2]
 
 
-def gptq_quantize_weight(W: Tensor, H: Tensor, clip_range: int = 31, block_size: int = 128) -> tuple[Tensor, Tensor]:
+def gptq_quantize_weight(W: Tensor, H: Tensor, clip_range: int = 31, block_size: int = 128,
+                         clip: str = "sdclip", sigmas: float = 12.85) -> tuple[Tensor, Tensor]:
     """GPTQ of W (rows x cols) under Hessian H (cols x cols); returns int8 codes and fp16 row scales."""
     W = W.float()
     rows, cols = W.shape
@@ -1257,10 +1276,9 @@ def gptq_quantize_weight(W: Tensor, H: Tensor, clip_range: int = 31, block_size:
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
-        return quantize_rtn(W, clip_range)
-    P = len(GPTQ_PERCENTILES)
-    scales = torch.stack([(_row_clip(W, p) / clip_range).clamp_min(1.0 / clip_range) for p in GPTQ_PERCENTILES])
-    scales = scales.half()
+        return quantize_rtn(W, clip_range, clip, sigmas)
+    scales = candidate_scales(W, clip_range, clip, sigmas)
+    P = scales.size(0)
     S = scales.float().reshape(-1, 1)  # (P*rows, 1): all candidates in one pass
     Wc = Wp.repeat(P, 1)
     Q = torch.zeros_like(Wc)
@@ -1292,9 +1310,11 @@ def quantize_int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8), s.half()
 
 
-def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor],
-                        hessians: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, dict]]:
-    """Returns (tensors, meta): NAME.q/NAME.scale for quantized tensors, NAME for fp16 ones."""
+def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor], hessians: dict[str, Tensor],
+                        sigmas: float | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """Returns (tensors, meta): NAME.q/NAME.scale for quantized tensors, NAME for fp16 ones.
+    `sigmas` overrides GPTQ_SIGMAS (the size fit raises it)."""
+    sigmas = h.gptq_sigmas if sigmas is None else sigmas
     out: dict[str, Tensor] = {}
     meta: dict[str, dict] = {}
     mats = [n for n, t in sd.items() if t.is_floating_point() and t.ndim == 2 and t.numel() > h.quant_min_numel
@@ -1313,9 +1333,10 @@ def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor],
             cr = 2 ** (bits[n] - 1) - 1
             W = sd[n].to(rt.device)
             if n in hessians:
-                q, s = gptq_quantize_weight(W, hessians[n].to(rt.device), clip_range=cr)
+                q, s = gptq_quantize_weight(W, hessians[n].to(rt.device), clip_range=cr,
+                                            clip=h.gptq_clip, sigmas=sigmas)
             else:
-                q, s = quantize_rtn(W, cr)
+                q, s = quantize_rtn(W, cr, h.gptq_clip, sigmas)
             out[n + ".q"], out[n + ".scale"] = q, s
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -1332,7 +1353,10 @@ def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor],
         method = "gptq" if n in hessians else "clip_search"
         n_gptq += method == "gptq"
         n_fallback += method != "gptq"
-        meta[n] = {"type": f"int{bits[n]}", "method": method, "clip_range": 2 ** (bits[n] - 1) - 1}
+        meta[n] = {"type": f"int{bits[n]}", "method": method, "clip_range": 2 ** (bits[n] - 1) - 1,
+                   "clip": h.gptq_clip}
+        if h.gptq_clip == "sdclip":
+            meta[n]["sigmas"] = sigmas
     for n, t in sd.items():
         if n in meta:
             continue
@@ -1348,9 +1372,17 @@ def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor],
         f"int6:{len(mats) - n5} int5:{n5} int8:{sum(m['type'] == 'int8' for m in meta.values())} "
         f"passthrough:{sum(m['type'] == 'passthrough' for m in meta.values())}")
     if mats:
-        floor = sum(int((out[n + '.scale'].float() <= 1.0 / 31 + 1e-6).sum()) for n in mats)
-        total = sum(out[n + ".scale"].numel() for n in mats)
-        log(f"quant:rows_at_scale_floor {floor}/{total} ({100.0 * floor / total:.1f}%)")
+        codes = torch.cat([out[n + ".q"].flatten() for n in mats])
+        p = torch.bincount((codes.long() + 128)).double()
+        p = p[p > 0] / codes.numel()
+        entropy = float(-(p * p.log2()).sum())
+        clip = f"sdclip sigmas:{sigmas:.4g}" if h.gptq_clip == "sdclip" else "percentile"
+        log(f"quant:clip {clip} code_entropy:{entropy:.3f} bits ({entropy * codes.numel() / 8e6:.2f} MB "
+            f"for {codes.numel()} codes)")
+        if h.gptq_clip == "percentile":
+            floor = sum(int((out[n + '.scale'].float() <= 1.0 / 31 + 1e-6).sum()) for n in mats)
+            total = sum(out[n + ".scale"].numel() for n in mats)
+            log(f"quant:rows_at_scale_floor {floor}/{total} ({100.0 * floor / total:.1f}%)")
     return out, meta
 
 
@@ -1785,8 +1817,13 @@ def chunk_windows(windows, chunk: int, n_chunks: int):
 
 def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts, *,
                       chunk: int, epochs: int, params: list[nn.Parameter], make_opt, lr_at, grad_clip: float,
-                      use_etlb: bool = False, label: str = "ttt", trace=None,
+                      use_etlb: bool = False, label: str = "ttt", trace=None, batch_seqs: int = 0,
                       meter: BpbMeter | None = None) -> tuple[float, float]:
+    """Score each chunk's windows, then (not on the last chunk) train `epochs` passes over its
+    sequences, `batch_seqs` global sequences per optimizer step (0: the whole chunk in one step)."""
+    def share(seqs: list[int]) -> list[int]:  # this rank's contiguous slice of a global batch
+        return seqs[len(seqs) * rt.rank // rt.world_size:len(seqs) * (rt.rank + 1) // rt.world_size]
+
     tokens = tokens.to(rt.device)
     total, L = tokens.numel() - 1, h.eval_seq_len
     n_chunks = max(1, math.ceil(total / chunk))
@@ -1799,25 +1836,26 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     t0 = time.perf_counter()
     for c in range(n_chunks):
         wins = groups[c]
-        mine = wins[len(wins) * rt.rank // rt.world_size:len(wins) * (rt.rank + 1) // rt.world_size]
         model.eval()
-        score_windows(h, rt, hidden_fn, model.logits, tokens, mine, meter, luts, etlb,
+        score_windows(h, rt, hidden_fn, model.logits, tokens, share(wins), meter, luts, etlb,
                       None if trace is None else trace.setdefault(("score", c), []))
         if c == n_chunks - 1 or epochs == 0:
             continue
         starts = [st for st in range(c * chunk, (c + 1) * chunk, L) if st + L <= total]
-        my = starts[len(starts) * rt.rank // rt.world_size:len(starts) * (rt.rank + 1) // rt.world_size]
-        if trace is not None:
-            trace[("train", c)] = [(st, st + 1, st + L + 1) for st in my]  # token index range read
+        step_seqs = batch_seqs or len(starts)  # global sequences per optimizer step
+        batches = [starts[i:i + step_seqs] for i in range(0, len(starts), step_seqs)]
+        if trace is not None:  # token index ranges this rank reads
+            trace[("train", c)] = [(st, st + 1, st + L + 1) for b in batches for st in share(b)]
         for g in opt.param_groups:
             g["lr"] = lr_at(c, n_chunks)
         model.train()
-        for _ in range(epochs):
+        for _, b in ((e, b) for e in range(epochs) for b in batches):
+            my = share(b)
             if my:
                 idx = torch.tensor(my, device=rt.device)[:, None] + torch.arange(L + 1, device=rt.device)
                 seq = tokens[idx]
                 with autocast(rt.device):
-                    loss = loss_fn(seq[:, :-1], seq[:, 1:]) * (len(my) / len(starts))
+                    loss = loss_fn(seq[:, :-1], seq[:, 1:]) * (len(my) / len(b))
                 loss.backward()
             for p in params:
                 if p.grad is None:
@@ -1872,7 +1910,8 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
 
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
                              make_opt=make_opt, lr_at=lr_at, grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
-                             label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter)
+                             label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter,
+                             batch_seqs=h.ttt_batch_seqs)
 
 
 def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
@@ -1909,13 +1948,32 @@ def score_line(label: str, loss: float, bpb: float, seconds: float, legal: bool,
     return f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms {tail}"
 
 
-def fit_artifact(h: Hyperparameters, tensors, meta, extra, code_bytes: int) -> bytes:
-    """Compress; while over the cap, zero the cheapest +-1 codes (SIZE_FIT=prune) or fail."""
+def fit_artifact(h: Hyperparameters, tensors, meta, extra, code_bytes: int, requantize=None):
+    """Compress; while over the cap: SIZE_FIT=auto with SDClip re-quantizes at a larger GPTQ_SIGMAS
+    (each code costs about const - log2(sigmas) bits), then auto/prune zero the cheapest +-1 codes;
+    fail stops later. Returns (blob, tensors, meta)."""
     extra["pruned_codes"] = 0  # recorded in the artifact
     blob = serialize_artifact(tensors, meta, extra, h.compressor)
-    for attempt in range(8):
+    sigmas = h.gptq_sigmas
+    tried = [(math.log2(sigmas), len(blob))]
+    for _ in range(3 if h.size_fit == "auto" and h.gptq_clip == "sdclip" and requantize else 0):
+        excess = len(blob) + code_bytes - h.artifact_limit_bytes
+        if excess <= 0:
+            break
+        if len(tried) >= 2 and tried[-1][1] < tried[-2][1]:  # measured bytes per doubling of sigmas
+            slope = (tried[-2][1] - tried[-1][1]) / (tried[-1][0] - tried[-2][0])
+        else:  # model: each code costs const - log2(sigmas) bits; brotli realizes ~80% of it
+            n_codes = sum(tensors[n + ".q"].numel() for n, i in meta.items() if i["type"] in ("int6", "int5"))
+            slope = 0.75 * max(n_codes, 1) / 8
+        target = excess + min(SIZE_FIT_MARGIN_BYTES, h.artifact_limit_bytes // 1000)  # aim a little under
+        sigmas *= 2 ** (target / slope)
+        log(f"size_fit: over by {excess} bytes; re-quantizing at GPTQ_SIGMAS={sigmas:.4g}")
+        tensors, meta = requantize(sigmas)
+        blob = serialize_artifact(tensors, meta, extra, h.compressor)
+        tried.append((math.log2(sigmas), len(blob)))
+    for attempt in range(8 if h.size_fit != "fail" else 0):
         total = len(blob) + code_bytes
-        if total <= h.artifact_limit_bytes or h.size_fit == "fail":
+        if total <= h.artifact_limit_bytes:
             break
         excess = total - h.artifact_limit_bytes
         n = prune_ones(tensors, meta, max(8 * excess, 1000) * (attempt + 1))
@@ -1924,7 +1982,7 @@ def fit_artifact(h: Hyperparameters, tensors, meta, extra, code_bytes: int) -> b
         extra["pruned_codes"] += n
         log(f"size_fit: over by {excess} bytes; zeroed {n} +-1 codes (total {extra['pruned_codes']}), recompressing")
         blob = serialize_artifact(tensors, meta, extra, h.compressor)
-    return blob
+    return blob, tensors, meta
 
 
 def load_checkpoint(path: str, rt: Runtime) -> dict:
@@ -1997,8 +2055,10 @@ def run(h: Hyperparameters, rt: Runtime) -> dict:
         log(f"Code size: {code_bytes} bytes (self-extracting LZMA wrapper of train_gpt.py)")
         blob = b""
         if rt.is_main:
+            solo = dataclasses.replace(rt, rank=0, world_size=1, distributed=False)
             with timed("serialize", rt.device):
-                blob = fit_artifact(h, tensors, meta, extra, code_bytes)
+                blob, tensors, meta = fit_artifact(h, tensors, meta, extra, code_bytes,
+                                                   lambda sg: quantize_state_dict(h, solo, sd, hessians, sg))
             Path(h.artifact_path).write_bytes(blob)
         if rt.distributed:
             dist.barrier()

@@ -346,6 +346,23 @@ def test_ttt_trains_only_on_already_scored_targets(setup, mode, stride):
     assert sorted(scored) == list(range(N_TARGETS))
 
 
+@pytest.mark.parametrize("mode", ["ttt", "ttt_etlb"])
+def test_ttt_minibatches_stay_score_first(setup, mode):
+    # TTT_BATCH_SEQS=1: each chunk's 2 sequences are 2 optimizer steps per epoch, still only after
+    # the chunk is scored; the adapted weights differ from the one-step-per-epoch run.
+    h = dataclasses.replace(setup.h, ttt_batch_seqs=1)
+    trace, events = run_with_events(setup, mode, setup.tokens, h=h)
+    n_chunks = math.ceil(N_TARGETS / CHUNK)
+    assert train_after_score_violations(trace, n_chunks) == [] and event_violations(events) == []
+    steps = [idx for k, idx in events if k == "train"]
+    per_seq = CHUNK // setup.h.eval_seq_len
+    assert len(steps) == (n_chunks - 1) * 2 * per_seq and all(len(t) == setup.h.eval_seq_len for t in steps)
+    v = causality_violations(mode_runner(setup, mode, h=h), setup.tokens, LEAK_POSITIONS, setup.h.vocab_size)
+    assert v == []
+    one_step = run_mode(setup, mode, setup.tokens)
+    assert not torch.equal(run_mode(setup, mode, setup.tokens, h=h), one_step)
+
+
 # ============================================================================ leaky variants
 
 

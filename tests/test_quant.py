@@ -19,43 +19,84 @@ def correlated():
     return W, X, X.T @ X
 
 
+CLIPS = ["sdclip", "percentile"]
+
+
 @pytest.fixture(scope="module")
 def gptq_codes(correlated):
     W, X, H = correlated
-    return {cr: tg.gptq_quantize_weight(W, H, clip_range=cr) for cr in (31, 15)}
+    return {(clip, cr): tg.gptq_quantize_weight(W, H, clip_range=cr, clip=clip) for clip in CLIPS for cr in (31, 15)}
 
 
 def out_err(W, q, s, X) -> float:
     return ((W - q.float() * s.float()[:, None]) @ X.T).norm().item()
 
 
+def entropy_bits(q) -> float:
+    p = torch.bincount(q.flatten().long() + 128).double()
+    p = p[p > 0] / q.numel()
+    return float(-(p * p.log2()).sum())
+
+
+@pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("clip_range", [31, 15])
-def test_gptq_beats_round_to_nearest_on_output_error(correlated, gptq_codes, clip_range):
+def test_gptq_beats_round_to_nearest_on_output_error(correlated, gptq_codes, clip, clip_range):
     W, X, H = correlated
-    q, s = gptq_codes[clip_range]
+    q, s = gptq_codes[clip, clip_range]
     assert q.dtype == torch.int8 and q.shape == W.shape
     assert s.dtype == torch.float16 and s.shape == (W.shape[0],)
     assert int(q.abs().max()) <= clip_range
-    assert int(q.abs().max()) == clip_range  # the range is used, not collapsed
-    assert (s.float() >= 1.0 / clip_range - 1e-4).all()  # row scales are floored at 1/clip
+    if clip == "percentile":
+        assert int(q.abs().max()) == clip_range  # the range is used, not collapsed
+        assert (s.float() >= 1.0 / clip_range - 1e-4).all()  # row scales are floored at 1/clip
+    else:  # SDClip: scale = sigmas * std(row) / clip_range, no search, no floor
+        torch.testing.assert_close(s, (12.85 * W.std(dim=1) / clip_range).half())
     # round-to-nearest at the very same scales
     q_rtn_same = torch.clamp(torch.round(W / s.float()[:, None]), -clip_range, clip_range)
     e_gptq, e_same = out_err(W, q, s, X), out_err(W, q_rtn_same, s, X)
     assert e_gptq < 0.85 * e_same, (e_gptq, e_same)
-    # and the clip-searched RTN fallback
-    q2, s2 = tg.quantize_rtn(W, clip_range)
+    # and the RTN fallback with the same scale rule
+    q2, s2 = tg.quantize_rtn(W, clip_range, clip)
     assert int(q2.abs().max()) <= clip_range and q2.dtype == torch.int8 and s2.dtype == torch.float16
     assert e_gptq < 0.85 * out_err(W, q2, s2, X)
-    # sanity: the quantization is faithful (relative output error of a few percent at int6)
+    # sanity: the quantization is faithful. On Gaussian rows SDClip's 12.85-sigma range is coarser
+    # than the percentile search (it is sized for heavy-tailed trained weights): about 0.41 sigma steps
     rel = e_gptq / (W @ X.T).norm().item()
-    assert rel < (0.05 if clip_range == 31 else 0.1)
+    bound = {("percentile", 31): 0.05, ("percentile", 15): 0.1, ("sdclip", 31): 0.1, ("sdclip", 15): 0.2}
+    assert rel < bound[clip, clip_range], rel
 
 
-def test_int5_is_coarser_than_int6(correlated, gptq_codes):
+@pytest.mark.parametrize("clip", CLIPS)
+def test_int5_is_coarser_than_int6(correlated, gptq_codes, clip):
     W, X, H = correlated
-    e6 = out_err(W, *gptq_codes[31], X)
-    e5 = out_err(W, *gptq_codes[15], X)
-    assert e6 < e5
+    assert out_err(W, *gptq_codes[clip, 31], X) < out_err(W, *gptq_codes[clip, 15], X)
+
+
+def test_sdclip_is_scale_invariant_and_the_floor_is_not():
+    # The record's 1/31 floor gives small-weight rows a coarse fixed step; SDClip scales with the row.
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(64, 256, generator=g) * 0.02  # typical trained-weight magnitude: under the floor
+    H = torch.eye(256)
+    q_small, s_small = tg.gptq_quantize_weight(W, H, clip="sdclip")
+    q_big, s_big = tg.gptq_quantize_weight(W * 64, H, clip="sdclip")  # a power of two: exact in fp16
+    assert torch.equal(q_small, q_big)
+    torch.testing.assert_close(s_big.float(), 64 * s_small.float())
+    q_pct, s_pct = tg.gptq_quantize_weight(W, H, clip="percentile")
+    assert (s_pct.float() == s_pct.float()[0]).all() and abs(float(s_pct[0]) - 1 / 31) < 1e-4  # all on the floor
+    err = lambda q, s: (W - q.float() * s.float()[:, None]).pow(2).mean()
+    assert err(q_small, s_small) < 0.5 * err(q_pct, s_pct)  # finer where it matters
+    assert entropy_bits(q_small) > entropy_bits(q_pct)  # ... and it costs bits
+
+
+def test_sdclip_sigmas_trade_size_for_error(correlated):
+    # Bits per code fall by about log2 of the sigma ratio: the knob SIZE_FIT=auto turns.
+    W, X, H = correlated
+    res = {k: tg.gptq_quantize_weight(W, H, clip="sdclip", sigmas=k) for k in (8.0, 16.0, 32.0)}
+    bits = {k: entropy_bits(q) for k, (q, _) in res.items()}
+    errs = {k: out_err(W, q, s, X) for k, (q, s) in res.items()}
+    assert bits[8.0] > bits[16.0] > bits[32.0]
+    assert errs[8.0] < errs[16.0] < errs[32.0]
+    assert 0.8 < bits[8.0] - bits[16.0] < 1.2 and 0.8 < bits[16.0] - bits[32.0] < 1.2
 
 
 def test_gptq_handles_dead_columns_and_is_deterministic(correlated):
@@ -80,8 +121,10 @@ def test_gptq_identity_hessian_is_rtn_like():
 
 
 def test_quantize_rtn_zero_matrix():
-    q, s = tg.quantize_rtn(torch.zeros(4, 8), 31)
+    q, s = tg.quantize_rtn(torch.zeros(4, 8), 31, "percentile")
     assert not q.any() and torch.allclose(s.float(), torch.full((4,), 1 / 31), atol=1e-4)
+    q, s = tg.quantize_rtn(torch.zeros(4, 8), 31, "sdclip")
+    assert not q.any() and (s.float() > 0).all() and torch.isfinite(s.float()).all()
 
 
 def test_int8_rows_round_trip():
@@ -122,6 +165,7 @@ def test_quantize_state_dict_gptq_everywhere(tiny_quant):
     for n in block_mats:
         assert meta[n]["method"] == "gptq", n
         assert meta[n]["type"] == "int6" and meta[n]["clip_range"] == 31
+        assert meta[n]["clip"] == "sdclip" and meta[n]["sigmas"] == h.gptq_sigmas
         q, s = tensors[n + ".q"], tensors[n + ".scale"]
         assert q.dtype == torch.int8 and q.shape == sd[n].shape and int(q.abs().max()) <= 31
         assert s.dtype == torch.float16 and s.shape == (sd[n].shape[0],)
@@ -174,6 +218,18 @@ def test_mixed_precision_keeps_largest_trace_int6(tiny_quant):
     assert min(tr[n] for n in six) >= max(tr[n] for n in five)
     for n in five:
         assert meta[n]["clip_range"] == 15 and int(tensors[n + ".q"].abs().max()) <= 15
+
+
+def test_sigmas_override_coarsens_every_matrix(tiny_quant):
+    # the SIZE_FIT=auto path: re-quantizing at larger sigmas gives fewer bits on every matrix
+    h, rt, model, sd, hess, tensors, meta = tiny_quant
+    t2, m2 = tg.quantize_state_dict(h, rt, sd, hess, sigmas=2 * h.gptq_sigmas)
+    mats = [n for n in meta if meta[n]["type"] == "int6"]
+    assert all(m2[n]["sigmas"] == 2 * h.gptq_sigmas for n in mats)
+    for n in mats:
+        assert entropy_bits(t2[n + ".q"]) < entropy_bits(tensors[n + ".q"]), n
+    pct, mp = tg.quantize_state_dict(dataclasses.replace(h, gptq_clip="percentile"), rt, sd, hess)
+    assert all(mp[n]["clip"] == "percentile" and "sigmas" not in mp[n] for n in mats)
 
 
 def test_no_hessian_falls_back_to_clip_search(tiny_quant):

@@ -178,6 +178,24 @@ def test_size_fit_prune(dataset, workdir, base_run):
     assert abs(run.number("final_int6_roundtrip", "val_bpb:") - rt_base) < 0.1 * rt_base
 
 
+def test_size_fit_auto_requantizes_at_larger_sigmas(dataset, workdir, base_run):
+    natural = int(base_run.number("Total submission size", "brotli:"))
+    limit = natural - natural // 20  # 5% under: too much to prune cheaply, so SDClip re-quantizes
+    env = tiny_env_for(dataset, workdir / "auto", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"),
+                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+    run = main_run(workdir / "auto", env)
+    run.check_ok()
+    assert run.has("size_fit: over by") and "re-quantizing at GPTQ_SIGMAS=" in run.line("size_fit: over by")
+    assert int(run.number("Total submission size", "brotli:")) <= limit
+    assert run.has("artifact: fits") and run.line("final_score").endswith("legal:1")
+    _, meta, extra = tg.deserialize_artifact((workdir / "auto" / "model.ptz").read_bytes())
+    sig = {i["sigmas"] for i in meta.values() if i["type"] == "int6"}
+    assert len(sig) == 1 and sig.pop() > 12.85  # one larger multiplier for every matrix
+    assert extra["pruned_codes"] < 1000  # the re-quantization did the work, not pruning
+    rt_base = base_run.number("final_int6_roundtrip", "val_bpb:")
+    assert run.number("final_int6_roundtrip", "val_bpb:") < 1.1 * rt_base
+
+
 def test_size_fit_fail(dataset, workdir, base_run):
     env = tiny_env_for(dataset, workdir / "fail", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"), SIZE_FIT="fail",
                        ARTIFACT_LIMIT_BYTES="1000", TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
