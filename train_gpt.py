@@ -146,6 +146,7 @@ class Hyperparameters:
     ttt_epochs: int = 3
     ttt_chunk: int = 32768
     ttt_batch_seqs: int = 0  # sequences per TTT optimizer step (global); 0 = the whole chunk, one step
+    ttt_chains: str = "shared"  # shared: one model, every chunk split over ranks; rank: one chain per rank
     ttt_grad_clip: float = 1.0
     ttt_optimizer: str = "sgd"  # sgd (momentum TTT_MOMENTUM) or adamw (weight decay 0)
     ttt_freeze: int = 0  # blocks[:TTT_FREEZE] and the embeddings stay fixed when > 0
@@ -262,6 +263,8 @@ class Hyperparameters:
                     bad(n.upper(), f"layer {i} is outside [0, NUM_LAYERS={self.num_layers})")
         if self.compressor not in ("brotli", "lzma"):
             bad("COMPRESSOR", "must be brotli or lzma")
+        if self.ttt_chains not in ("shared", "rank"):
+            bad("TTT_CHAINS", "must be shared or rank")
         if self.ttt_optimizer not in ("sgd", "adamw"):
             bad("TTT_OPTIMIZER", "must be sgd or adamw")
         if not 0 <= self.ttt_freeze < self.num_layers:
@@ -1818,10 +1821,13 @@ def chunk_windows(windows, chunk: int, n_chunks: int):
 def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts, *,
                       chunk: int, epochs: int, params: list[nn.Parameter], make_opt, lr_at, grad_clip: float,
                       use_etlb: bool = False, label: str = "ttt", trace=None, batch_seqs: int = 0,
-                      meter: BpbMeter | None = None) -> tuple[float, float]:
+                      per_rank: bool = False, meter: BpbMeter | None = None) -> tuple[float, float]:
     """Score each chunk's windows, then (not on the last chunk) train `epochs` passes over its
-    sequences, `batch_seqs` global sequences per optimizer step (0: the whole chunk in one step)."""
-    def share(seqs: list[int]) -> list[int]:  # this rank's contiguous slice of a global batch
+    sequences, `batch_seqs` sequences per optimizer step (0: the whole chunk in one step).
+    Shared chain (default): all ranks split every chunk and average gradients, one model.
+    per_rank: each rank adapts its own copy over its own contiguous range of chunks (no
+    collectives until the final score sum; the chain restarts from the artifact at each range)."""
+    def share(seqs: list) -> list:  # this rank's contiguous slice
         return seqs[len(seqs) * rt.rank // rt.world_size:len(seqs) * (rt.rank + 1) // rt.world_size]
 
     tokens = tokens.to(rt.device)
@@ -1833,24 +1839,27 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     hidden_fn = maybe_compile(model.forward_hidden, h, rt)
     loss_fn = maybe_compile(model, h, rt)
     opt = make_opt(params)
+    split = (lambda seqs: seqs) if per_rank else share  # within a chunk: all mine, or my slice
+    chunks = share(list(range(n_chunks))) if per_rank else list(range(n_chunks))
+    sync_grads = rt.distributed and not per_rank
     t0 = time.perf_counter()
-    for c in range(n_chunks):
+    for i, c in enumerate(chunks):
         wins = groups[c]
         model.eval()
-        score_windows(h, rt, hidden_fn, model.logits, tokens, share(wins), meter, luts, etlb,
+        score_windows(h, rt, hidden_fn, model.logits, tokens, split(wins), meter, luts, etlb,
                       None if trace is None else trace.setdefault(("score", c), []))
-        if c == n_chunks - 1 or epochs == 0:
+        if i == len(chunks) - 1 or epochs == 0:  # never train on the (chain's) last chunk
             continue
         starts = [st for st in range(c * chunk, (c + 1) * chunk, L) if st + L <= total]
         step_seqs = batch_seqs or len(starts)  # global sequences per optimizer step
         batches = [starts[i:i + step_seqs] for i in range(0, len(starts), step_seqs)]
         if trace is not None:  # token index ranges this rank reads
-            trace[("train", c)] = [(st, st + 1, st + L + 1) for b in batches for st in share(b)]
+            trace[("train", c)] = [(st, st + 1, st + L + 1) for b in batches for st in split(b)]
         for g in opt.param_groups:
-            g["lr"] = lr_at(c, n_chunks)
+            g["lr"] = lr_at(i, len(chunks))
         model.train()
         for _, b in ((e, b) for e in range(epochs) for b in batches):
-            my = share(b)
+            my = split(b)
             if my:
                 idx = torch.tensor(my, device=rt.device)[:, None] + torch.arange(L + 1, device=rt.device)
                 seq = tokens[idx]
@@ -1860,7 +1869,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if rt.distributed:  # one flat all-reduce: sum of per-rank shares = mean over the chunk
+            if sync_grads:  # one flat all-reduce: sum of per-rank shares = mean over the chunk
                 flat = torch.cat([p.grad.reshape(-1).float() for p in params])
                 dist.all_reduce(flat)
                 off = 0
@@ -1871,7 +1880,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if rt.is_main and (c % 100 == 0 or c == n_chunks - 2):
+        if rt.is_main and (i % 100 == 0 or i == len(chunks) - 2):
             vb = meter.local_bpb()
             log(f"{label}_chunk:{c + 1}/{n_chunks} rank0_running_bpb:{vb:.4f} elapsed:{time.perf_counter() - t0:.1f}s")
     model.eval()
@@ -1911,7 +1920,7 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
                              make_opt=make_opt, lr_at=lr_at, grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
                              label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter,
-                             batch_seqs=h.ttt_batch_seqs)
+                             batch_seqs=h.ttt_batch_seqs, per_rank=h.ttt_chains == "rank")
 
 
 def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,

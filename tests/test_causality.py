@@ -363,6 +363,35 @@ def test_ttt_minibatches_stay_score_first(setup, mode):
     assert not torch.equal(run_mode(setup, mode, setup.tokens, h=h), one_step)
 
 
+@pytest.mark.parametrize("mode", ["ttt", "ttt_etlb"])
+def test_per_rank_chains_cover_every_target_once_and_restart(setup, mode):
+    # TTT_CHAINS=rank with 2 ranks, run rank by rank in one process (the chains never talk):
+    # rank r scores and trains only its contiguous chunks, the union scores every target once,
+    # and rank 1's first chunk is scored by the un-adapted artifact (its chain starts afresh).
+    s = setup
+    h = dataclasses.replace(s.h, ttt_chains="rank", ttt_batch_seqs=1)
+    total = N_TARGETS
+    n_chunks = math.ceil(total / CHUNK)
+    counts = torch.zeros(total, dtype=torch.long)
+    nll = torch.zeros(total, dtype=torch.float64)
+    for r in range(2):
+        rt = tg.Runtime(rank=r, world_size=2, device=s.rt.device, distributed=False)
+        meter, trace = tg.BpbMeter(rt.device, track=total), {}
+        tg.eval_ttt(h, rt, fresh_model(s), s.tokens, s.luts, use_etlb=mode == "ttt_etlb", trace=trace, meter=meter)
+        mine = list(range(n_chunks))[n_chunks * r // 2:n_chunks * (r + 1) // 2]
+        assert {c for k, c in trace if k == "score"} == set(mine)
+        assert {c for k, c in trace if k == "train" and trace[k, c]} == set(mine[:-1])  # not its last chunk
+        assert train_after_score_violations({k: v for k, v in trace.items()}, n_chunks) == []
+        counts += meter.token_count
+        nll += torch.where(meter.token_count > 0, meter.token_nll, 0.0)  # unscored targets hold NaN
+    assert (counts == 1).all()
+    ref = run_mode(s, "etlb" if mode == "ttt_etlb" else "sliding", s.tokens)
+    first1 = n_chunks // 2 * CHUNK  # rank 1's first chunk
+    if mode == "ttt":  # (ETLB's bias chain also restarts, but its first window differs from sliding's)
+        assert torch.allclose(nll[first1:first1 + CHUNK], ref[first1:first1 + CHUNK], rtol=0, atol=1e-5)
+    assert not torch.allclose(nll[CHUNK:first1], ref[CHUNK:first1], rtol=0, atol=1e-3)  # rank 0 adapted
+
+
 # ============================================================================ leaky variants
 
 

@@ -223,3 +223,19 @@ def test_two_process_gloo_agrees_with_one_process(dataset, workdir, base_run):
     r1, r2 = run.number("final_int6_roundtrip", "val_bpb:"), base_run.number("final_int6_roundtrip", "val_bpb:")
     assert r1 == pytest.approx(r2, rel=1e-2)
     assert run.line("final_score").endswith("legal:1")
+
+
+def test_two_process_ttt_shared_and_per_rank_chains(dataset, workdir, base_run):
+    # Eval-only from the base run's artifact on 2 gloo ranks: the shared chain (gradients
+    # all-reduced every step) and TTT_CHAINS=rank (no collectives until the score sum, ranks
+    # with different step counts) both finish and report a legal score.
+    art = str(base_run.cwd / "model.ptz")
+    scores = {}
+    for chains in ("shared", "rank"):
+        env = tiny_env_for(dataset, workdir / f"ttt_{chains}", LOAD_ARTIFACT=art, TTT_CHAINS=chains,
+                           TTT_BATCH_SEQS="4", SLIDING_WINDOW_ENABLED="0")
+        run = main_run(workdir / f"ttt_{chains}", env, nproc=2)
+        run.check_ok()
+        assert re.search(r"final_score metric:final_int6_ttt_etlb val_bpb:[0-9.]+ legal:1$", run.line("final_score"))
+        scores[chains] = run.number("final_int6_ttt_etlb", "val_bpb:")
+    assert scores["shared"] != scores["rank"]  # different adaptation, both complete
