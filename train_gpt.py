@@ -449,6 +449,11 @@ def timed(label: str, device: torch.device):
     log(f"stage:{label} seconds:{dt:.2f}")
 
 
+def rank_share(items: list, rt: Runtime) -> list:
+    """This rank's contiguous slice of `items` (sizes differ by at most one)."""
+    return items[len(items) * rt.rank // rt.world_size:len(items) * (rt.rank + 1) // rt.world_size]
+
+
 def all_reduce_(t: Tensor, rt: Runtime, op=None) -> Tensor:
     if rt.distributed:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -1250,7 +1255,8 @@ def candidate_scales(W: Tensor, clip_range: int, clip: str, sigmas: float) -> Te
                         for p in GPTQ_PERCENTILES]).half()
 
 
-def quantize_rtn(W: Tensor, clip_range: int, clip: str = "sdclip", sigmas: float = 12.85) -> tuple[Tensor, Tensor]:
+def quantize_rtn(W: Tensor, clip_range: int, clip: str = Hyperparameters.gptq_clip,
+                 sigmas: float = Hyperparameters.gptq_sigmas) -> tuple[Tensor, Tensor]:
     """Round-to-nearest per row at the same candidate scales (fallback without a Hessian)."""
     W = W.float()
     best = None
@@ -1263,7 +1269,8 @@ def quantize_rtn(W: Tensor, clip_range: int, clip: str = "sdclip", sigmas: float
 
 
 def gptq_quantize_weight(W: Tensor, H: Tensor, clip_range: int = 31, block_size: int = 128,
-                         clip: str = "sdclip", sigmas: float = 12.85) -> tuple[Tensor, Tensor]:
+                         clip: str = Hyperparameters.gptq_clip,
+                         sigmas: float = Hyperparameters.gptq_sigmas) -> tuple[Tensor, Tensor]:
     """GPTQ of W (rows x cols) under Hessian H (cols x cols); returns int8 codes and fp16 row scales."""
     W = W.float()
     rows, cols = W.shape
@@ -1788,7 +1795,7 @@ def eval_sliding(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, lu
     """Sliding-window BPB; windows split into contiguous rank ranges (one ETLB chain each)."""
     tokens = tokens.to(rt.device)
     windows = plan_windows(tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
-    mine = windows[len(windows) * rt.rank // rt.world_size:len(windows) * (rt.rank + 1) // rt.world_size]
+    mine = rank_share(windows, rt)
     meter = meter or BpbMeter(rt.device)
     etlb = Etlb(h, rt) if use_etlb else None
     model.eval()
@@ -1827,9 +1834,6 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     Shared chain (default): all ranks split every chunk and average gradients, one model.
     per_rank: each rank adapts its own copy over its own contiguous range of chunks (no
     collectives until the final score sum; the chain restarts from the artifact at each range)."""
-    def share(seqs: list) -> list:  # this rank's contiguous slice
-        return seqs[len(seqs) * rt.rank // rt.world_size:len(seqs) * (rt.rank + 1) // rt.world_size]
-
     tokens = tokens.to(rt.device)
     total, L = tokens.numel() - 1, h.eval_seq_len
     n_chunks = max(1, math.ceil(total / chunk))
@@ -1839,8 +1843,10 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     hidden_fn = maybe_compile(model.forward_hidden, h, rt)
     loss_fn = maybe_compile(model, h, rt)
     opt = make_opt(params)
-    split = (lambda seqs: seqs) if per_rank else share  # within a chunk: all mine, or my slice
-    chunks = share(list(range(n_chunks))) if per_rank else list(range(n_chunks))
+    def split(seqs: list) -> list:  # within a chunk: all of it (own chain) or this rank's slice
+        return seqs if per_rank else rank_share(seqs, rt)
+
+    chunks = rank_share(list(range(n_chunks)), rt) if per_rank else list(range(n_chunks))
     sync_grads = rt.distributed and not per_rank
     t0 = time.perf_counter()
     for i, c in enumerate(chunks):
@@ -1852,13 +1858,13 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
             continue
         starts = [st for st in range(c * chunk, (c + 1) * chunk, L) if st + L <= total]
         step_seqs = batch_seqs or len(starts)  # global sequences per optimizer step
-        batches = [starts[i:i + step_seqs] for i in range(0, len(starts), step_seqs)]
+        batches = [starts[j:j + step_seqs] for j in range(0, len(starts), step_seqs)]
         if trace is not None:  # token index ranges this rank reads
             trace[("train", c)] = [(st, st + 1, st + L + 1) for b in batches for st in split(b)]
         for g in opt.param_groups:
             g["lr"] = lr_at(i, len(chunks))
         model.train()
-        for _, b in ((e, b) for e in range(epochs) for b in batches):
+        for b in batches * epochs:  # epoch-major: every batch of the chunk, `epochs` times
             my = split(b)
             if my:
                 idx = torch.tensor(my, device=rt.device)[:, None] + torch.arange(L + 1, device=rt.device)
