@@ -145,8 +145,9 @@ class Hyperparameters:
     ttt_momentum: float = 0.9
     ttt_epochs: int = 3
     ttt_chunk: int = 32768
-    ttt_batch_seqs: int = 0  # sequences per TTT optimizer step (global); 0 = the whole chunk, one step
-    ttt_chains: str = "shared"  # shared: one model, every chunk split over ranks; rank: one chain per rank
+    ttt_batch_seqs: int = 2  # sequences per TTT optimizer step (per chain); 0 = the whole chunk, one step
+    ttt_chains: str = "rank"  # rank: one chain per rank over its own chunks; shared: one model, chunks split
+    ttt_chain_warmup: int = 0  # rank chains: first train on up to N chunks before the range (scored by others)
     ttt_grad_clip: float = 1.0
     ttt_optimizer: str = "sgd"  # sgd (momentum TTT_MOMENTUM) or adamw (weight decay 0)
     ttt_freeze: int = 0  # blocks[:TTT_FREEZE] and the embeddings stay fixed when > 0
@@ -222,7 +223,8 @@ class Hyperparameters:
         nonneg = ["warmup_steps", "train_log_every", "val_loss_every", "max_wallclock_seconds",
                   "gptq_calibration_batches", "gptq_reserve_seconds", "etlb_steps", "ttt_epochs",
                   "pre_quant_ttt_epochs", "recur_start_step", "muon_momentum_warmup_steps",
-                  "grad_clip_norm", "min_lr", "ttt_grad_clip", "xsa_last_n", "n_int6_layers", "ttt_batch_seqs"]
+                  "grad_clip_norm", "min_lr", "ttt_grad_clip", "xsa_last_n", "n_int6_layers", "ttt_batch_seqs",
+                  "ttt_chain_warmup"]
         for n in nonneg:
             if getattr(self, n) < 0:
                 bad(n.upper(), "must be >= 0")
@@ -265,6 +267,8 @@ class Hyperparameters:
             bad("COMPRESSOR", "must be brotli or lzma")
         if self.ttt_chains not in ("shared", "rank"):
             bad("TTT_CHAINS", "must be shared or rank")
+        if self.ttt_chain_warmup and self.ttt_chains != "rank":
+            bad("TTT_CHAIN_WARMUP", "only applies to TTT_CHAINS=rank (a shared chain never restarts)")
         if self.ttt_optimizer not in ("sgd", "adamw"):
             bad("TTT_OPTIMIZER", "must be sgd or adamw")
         if not 0 <= self.ttt_freeze < self.num_layers:
@@ -1825,15 +1829,25 @@ def chunk_windows(windows, chunk: int, n_chunks: int):
     return out
 
 
+def chain_warmup_chunks(first: int, n: int) -> list[int]:
+    """The chunks a rank chain starting at chunk `first` trains on before it scores anything:
+    up to n chunks just before it (all scored by earlier ranks, none by this one)."""
+    return list(range(max(0, first - n), first))
+
+
 def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts, *,
                       chunk: int, epochs: int, params: list[nn.Parameter], make_opt, lr_at, grad_clip: float,
                       use_etlb: bool = False, label: str = "ttt", trace=None, batch_seqs: int = 0,
-                      per_rank: bool = False, meter: BpbMeter | None = None) -> tuple[float, float]:
+                      per_rank: bool = False, warmup_chunks: int = 0,
+                      meter: BpbMeter | None = None) -> tuple[float, float]:
     """Score each chunk's windows, then (not on the last chunk) train `epochs` passes over its
     sequences, `batch_seqs` sequences per optimizer step (0: the whole chunk in one step).
-    Shared chain (default): all ranks split every chunk and average gradients, one model.
+    Shared chain: all ranks split every chunk and average gradients, one model.
     per_rank: each rank adapts its own copy over its own contiguous range of chunks (no
-    collectives until the final score sum; the chain restarts from the artifact at each range)."""
+    collectives until the final score sum; the chain restarts from the artifact at each range).
+    warmup_chunks (per_rank only): before scoring anything, the chain trains on up to that many
+    chunks just before its range. Those tokens precede every token it scores and are scored once,
+    by the rank that owns them, so this is still score-before-update."""
     tokens = tokens.to(rt.device)
     total, L = tokens.numel() - 1, h.eval_seq_len
     n_chunks = max(1, math.ceil(total / chunk))
@@ -1847,22 +1861,17 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
         return seqs if per_rank else rank_share(seqs, rt)
 
     chunks = rank_share(list(range(n_chunks)), rt) if per_rank else list(range(n_chunks))
+    warm = chain_warmup_chunks(chunks[0], warmup_chunks) if per_rank and chunks and epochs else []
     sync_grads = rt.distributed and not per_rank
-    t0 = time.perf_counter()
-    for i, c in enumerate(chunks):
-        wins = groups[c]
-        model.eval()
-        score_windows(h, rt, hidden_fn, model.logits, tokens, split(wins), meter, luts, etlb,
-                      None if trace is None else trace.setdefault(("score", c), []))
-        if i == len(chunks) - 1 or epochs == 0:  # never train on the (chain's) last chunk
-            continue
+
+    def train_chunk(c: int, lr: float, key: str) -> None:
         starts = [st for st in range(c * chunk, (c + 1) * chunk, L) if st + L <= total]
         step_seqs = batch_seqs or len(starts)  # global sequences per optimizer step
         batches = [starts[j:j + step_seqs] for j in range(0, len(starts), step_seqs)]
         if trace is not None:  # token index ranges this rank reads
-            trace[("train", c)] = [(st, st + 1, st + L + 1) for b in batches for st in split(b)]
+            trace[(key, c)] = [(st, st + 1, st + L + 1) for b in batches for st in split(b)]
         for g in opt.param_groups:
-            g["lr"] = lr_at(i, len(chunks))
+            g["lr"] = lr
         model.train()
         for b in batches * epochs:  # epoch-major: every batch of the chunk, `epochs` times
             my = split(b)
@@ -1886,12 +1895,30 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for c in warm:  # rank chains: catch up on the chunks just before this range (already scored)
+        train_chunk(c, lr_at(0, len(chunks)), "warmup")
+    for i, c in enumerate(chunks):
+        wins = groups[c]
+        model.eval()
+        score_windows(h, rt, hidden_fn, model.logits, tokens, split(wins), meter, luts, etlb,
+                      None if trace is None else trace.setdefault(("score", c), []))
+        if i == len(chunks) - 1 or epochs == 0:  # never train on the (chain's) last chunk
+            continue
+        train_chunk(c, lr_at(i, len(chunks)), "train")
         if rt.is_main and (i % 100 == 0 or i == len(chunks) - 2):
             vb = meter.local_bpb()
             log(f"{label}_chunk:{c + 1}/{n_chunks} rank0_running_bpb:{vb:.4f} elapsed:{time.perf_counter() - t0:.1f}s")
     model.eval()
     if etlb is not None:
         log(f"etlb: max|b|:{etlb.b.abs().max().item():.4f} mean|b|:{etlb.b.abs().mean().item():.4f}")
+    if rt.distributed:  # the stage waits for the slowest rank; say which side it was on
+        mine = time.perf_counter() - t0
+        span = torch.tensor([mine, -mine], device=rt.device, dtype=torch.float64)
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)  # (slowest, -fastest)
+        log(f"{label}: loop_seconds rank0:{mine:.1f} fastest:{-span[1].item():.1f} slowest:{span[0].item():.1f} "
+            f"rank0_warmup_chunks:{len(warm)}")
     return meter.result(rt)
 
 
@@ -1926,7 +1953,8 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
                              make_opt=make_opt, lr_at=lr_at, grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
                              label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter,
-                             batch_seqs=h.ttt_batch_seqs, per_rank=h.ttt_chains == "rank")
+                             batch_seqs=h.ttt_batch_seqs, per_rank=h.ttt_chains == "rank",
+                             warmup_chunks=h.ttt_chain_warmup)
 
 
 def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,

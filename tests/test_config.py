@@ -52,6 +52,7 @@ def test_defaults_are_the_seed_command():
     assert h.n_int6_layers == 66
     assert h.ttt_enabled is True and h.etlb_enabled is True
     assert h.pre_quant_ttt is False
+    assert (h.ttt_chains, h.ttt_batch_seqs, h.ttt_chain_warmup) == ("rank", 2, 0)
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 4096)
     assert h.artifact_limit_bytes == 16_000_000
     h.validate()  # the defaults themselves are consistent
@@ -84,6 +85,9 @@ def test_defaults_are_the_seed_command():
     ({"XSA_LAST_N": "12"}, "XSA_LAST_N"),
     ({"SIZE_FIT": "squeeze"}, "SIZE_FIT"),
     ({"TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER"),
+    ({"TTT_CHAINS": "both"}, "TTT_CHAINS"),
+    ({"TTT_CHAIN_WARMUP": "-1"}, "TTT_CHAIN_WARMUP"),
+    ({"TTT_CHAINS": "shared", "TTT_CHAIN_WARMUP": "2"}, "TTT_CHAIN_WARMUP"),
     ({"TTT_FREEZE": "11"}, "TTT_FREEZE"),
     ({"EMBEDDING_DIM": "256"}, "EMBEDDING_DIM"),
     ({"TIE_EMBEDDINGS": "0"}, "TIE_EMBEDDINGS"),

@@ -238,4 +238,6 @@ def test_two_process_ttt_shared_and_per_rank_chains(dataset, workdir, base_run):
         run.check_ok()
         assert re.search(r"final_score metric:final_int6_ttt_etlb val_bpb:[0-9.]+ legal:1$", run.line("final_score"))
         scores[chains] = run.number("final_int6_ttt_etlb", "val_bpb:")
+        slowest = run.number("ttt_etlb: loop_seconds", "slowest:")  # max over both ranks
+        assert slowest >= run.number("ttt_etlb: loop_seconds", "fastest:") >= 0
     assert scores["shared"] != scores["rank"]  # different adaptation, both complete
