@@ -543,3 +543,52 @@ def test_results_md_is_current(capsys, monkeypatch):
     # defaults of the current train_gpt.py, which may have changed since)
     strip = lambda s: s.split("## Scores", 1)[1].split("## Reproduction")[0]  # noqa: E731
     assert strip(out) == strip(md)
+
+
+# ============================================================================ scripts/ttt_sweep.sh
+
+FAKE_BENCH = """#!/bin/bash
+# stands in for scripts/bench.sh: records its GPU and arguments, writes a final line
+name=$1; shift 2
+mkdir -p "$BENCH_RUNS/$name"
+echo "${CUDA_VISIBLE_DEVICES-unset}|$*" >> "$BENCH_RUNS/calls.txt"
+echo "final_int6_ttt_etlb val_loss:1 val_bpb:1.5 eval_time:1ms legal:1" > "$BENCH_RUNS/$name/console.txt"
+"""
+
+
+def sweep(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess:
+    scripts = tmp_path / "scripts"
+    scripts.mkdir(exist_ok=True)
+    (scripts / "ttt_sweep.sh").write_text((REPO / "scripts" / "ttt_sweep.sh").read_text())
+    (scripts / "bench.sh").write_text(FAKE_BENCH)
+    full = {k: v for k, v in os.environ.items() if k not in ("BENCH_DATA_DIR", "GPUS", "CUDA_VISIBLE_DEVICES")}
+    full.update(BENCH_RUNS=str(tmp_path / "runs"), **env)
+    return subprocess.run(["bash", str(scripts / "ttt_sweep.sh"), *args], env=full, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_ttt_sweep_refuses_without_bench_data_or_artifact(tmp_path):
+    art = tmp_path / "a.ptz"
+    art.write_bytes(b"x")
+    r = sweep(tmp_path, [str(art), "TTT_LR=0.01"])
+    assert r.returncode != 0 and "BENCH_DATA_DIR" in r.stderr
+    r = sweep(tmp_path, [str(tmp_path / "missing.ptz"), "TTT_LR=0.01"], BENCH_DATA_DIR="/nowhere")
+    assert r.returncode == 2 and "missing.ptz" in r.stderr
+    assert not (tmp_path / "runs" / "calls.txt").exists()  # nothing ran
+
+
+def test_ttt_sweep_runs_one_config_per_gpu_in_waves(tmp_path):
+    art = tmp_path / "a.ptz"
+    art.write_bytes(b"x")
+    cfgs = ["TTT_LR=0.01", "TTT_EPOCHS=4 TTT_LR=0.003", "TTT_MOMENTUM=0.95"]
+    r = sweep(tmp_path, [str(art), *cfgs], BENCH_DATA_DIR="/nowhere", GPUS="2 3")
+    assert r.returncode == 0, r.stderr
+    calls = sorted((tmp_path / "runs" / "calls.txt").read_text().splitlines(), key=lambda c: c.split("|")[1])
+    assert len(calls) == 3
+    by_cfg = {c.split("|")[1]: c.split("|")[0] for c in calls}
+    assert by_cfg == {f"LOAD_ARTIFACT={art.resolve()} SLIDING_WINDOW_ENABLED=0 {c}": g
+                      for c, g in zip(cfgs, ["2", "3", "2"])}
+    assert sorted(ln.split(" [")[0] for ln in r.stdout.splitlines()) == ["sweep1", "sweep2", "sweep3"]
+    assert all("rc=0: final_int6_ttt_etlb" in ln for ln in r.stdout.splitlines())
+    r = sweep(tmp_path, [str(art), "TTT_LR=0.02"], BENCH_DATA_DIR="/nowhere")  # no GPUS: GPU env untouched
+    assert r.returncode == 0 and (tmp_path / "runs" / "calls.txt").read_text().splitlines()[-1].startswith("unset|")
