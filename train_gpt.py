@@ -1916,7 +1916,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     if rt.distributed:  # the stage ends with the slowest rank: log the spread
         mine = time.perf_counter() - t0
         span = torch.tensor([mine, -mine], device=rt.device, dtype=torch.float64)
-        dist.all_reduce(span, op=dist.ReduceOp.MAX)  # (slowest, -fastest)
+        all_reduce_(span, rt, dist.ReduceOp.MAX)  # (slowest, -fastest)
         log(f"{label}: loop_seconds rank0:{mine:.1f} fastest:{-span[1].item():.1f} slowest:{span[0].item():.1f} "
             f"chain_warmup:{warmup_chunks if per_rank else 0}")
     return meter.result(rt)

@@ -15,11 +15,8 @@ width=${#gpus[@]}
 run_one() {  # index, gpu ('' = inherit), config
   local i=$1 g=$2 cfg=$3
   # shellcheck disable=SC2086
-  if [ -n "$g" ]; then
-    CUDA_VISIBLE_DEVICES=$g bash "$here/bench.sh" "sweep$i" "${SEED:-1337}" LOAD_ARTIFACT="$art" SLIDING_WINDOW_ENABLED=0 $cfg
-  else
-    bash "$here/bench.sh" "sweep$i" "${SEED:-1337}" LOAD_ARTIFACT="$art" SLIDING_WINDOW_ENABLED=0 $cfg
-  fi
+  env ${g:+CUDA_VISIBLE_DEVICES=$g} bash "$here/bench.sh" "sweep$i" "${SEED:-1337}" \
+    LOAD_ARTIFACT="$art" SLIDING_WINDOW_ENABLED=0 $cfg
   echo "sweep$i [$cfg]${g:+ gpu$g} rc=$?: $(grep -sE '^final_int6_ttt' "${BENCH_RUNS:-/tmp/runs}/sweep$i/console.txt" | cut -c1-90)"
 }
 i=0
