@@ -592,3 +592,12 @@ def test_ttt_sweep_runs_one_config_per_gpu_in_waves(tmp_path):
     assert all("rc=0: final_int6_ttt_etlb" in ln for ln in r.stdout.splitlines())
     r = sweep(tmp_path, [str(art), "TTT_LR=0.02"], BENCH_DATA_DIR="/nowhere")  # no GPUS: GPU env untouched
     assert r.returncode == 0 and (tmp_path / "runs" / "calls.txt").read_text().splitlines()[-1].startswith("unset|")
+
+
+def test_ttt_sweep_names_runs_after_sweep_name(tmp_path):
+    art = tmp_path / "a.ptz"
+    art.write_bytes(b"x")
+    r = sweep(tmp_path, [str(art), "TTT_LR=0.01", "TTT_LR=0.02"], BENCH_DATA_DIR="/nowhere", SWEEP_NAME="m42_")
+    assert r.returncode == 0, r.stderr
+    assert [ln.split(" [")[0] for ln in r.stdout.splitlines()] == ["m42_1", "m42_2"]
+    assert (tmp_path / "runs" / "m42_2" / "console.txt").exists() and not (tmp_path / "runs" / "sweep1").exists()
