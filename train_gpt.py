@@ -788,7 +788,7 @@ class ValueEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, init_weights: bool = True):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
@@ -801,7 +801,8 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in self.ve_layers])
         self.recur_layers = h.recur_layer_list
         self.recurrence_active = False
-        self._init_weights(h)
+        if init_weights:  # off when every weight is about to be loaded (the orthogonal init's QRs cost seconds)
+            self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
         # As the record: the generic pass also re-initialises ve_shared.proj (orthogonal).
@@ -862,9 +863,9 @@ def is_control(name: str, p: Tensor) -> bool:
     return p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)
 
 
-def build_model(h: Hyperparameters, rt: Runtime) -> GPT:
+def build_model(h: Hyperparameters, rt: Runtime, init_weights: bool = True) -> GPT:
     """On CUDA: bf16 embeddings, fp32 linear and control weights (as the record). CPU: fp32."""
-    model = GPT(h).to(rt.device)
+    model = GPT(h, init_weights).to(rt.device)
     if rt.is_cuda:
         model = model.bfloat16()
         for m in model.modules():
@@ -1568,11 +1569,17 @@ def read_artifact(path: str) -> bytes:
 
 
 def load_model_from_artifact(h: Hyperparameters, rt: Runtime, blob: bytes, source: str) -> GPT:
-    tensors, meta, extra = deserialize_artifact(blob, source)
+    return model_from_decoded(h, rt, deserialize_artifact(blob, source), source)
+
+
+def model_from_decoded(h: Hyperparameters, rt: Runtime, decoded: tuple[dict[str, Tensor], dict, dict],
+                       source: str) -> GPT:
+    """A model holding the dequantized weights of a deserialized artifact (its tensors are not aliased)."""
+    tensors, meta, extra = decoded
     for k, v in extra.get("shape", {}).items():
         if getattr(h, k, v) != v:
             raise ArtifactError(f"{source} was built with {k.upper()}={v!r}, but this run has {getattr(h, k)!r}")
-    model = build_model(h, rt)
+    model = build_model(h, rt, init_weights=False)
     model.load_state_dict(dequantize_state_dict(tensors, meta, model.state_dict()))
     model.recurrence_active = bool(extra.get("recurrence_active", False))
     return model
@@ -2123,8 +2130,13 @@ def run(h: Hyperparameters, rt: Runtime) -> dict:
                                 f"and SIZE_FIT=fail: stopping before evaluation (the artifact is at {h.artifact_path})")
     legal = not reasons
 
-    def fresh_model() -> GPT:
-        return load_model_from_artifact(h, rt, blob, h.load_artifact or h.artifact_path)
+    source = h.load_artifact or h.artifact_path
+    decoded = None
+
+    def fresh_model() -> GPT:  # decodes the artifact once; every stage that adapts weights gets its own model
+        nonlocal decoded
+        decoded = decoded or deserialize_artifact(blob, source)
+        return model_from_decoded(h, rt, decoded, source)
 
     def scored(label: str, fn) -> float:
         nonlocal eval_seconds

@@ -242,6 +242,26 @@ def test_load_model_from_artifact(tiny_artifact):
         assert torch.equal(v, ref[k]), k
 
 
+def test_loading_skips_the_random_init_and_does_not_alias_the_decoded_tensors(tiny_artifact, monkeypatch):
+    h, rt, tensors, meta, blob = tiny_artifact
+    decoded = tg.deserialize_artifact(blob, "a.ptz")
+
+    def no_init(*a, **k):
+        raise AssertionError("random init ran while loading an artifact")
+
+    monkeypatch.setattr(tg.nn.init, "orthogonal_", no_init)
+    monkeypatch.setattr(tg.GPT, "_init_weights", no_init)
+    m1 = tg.model_from_decoded(h, rt, decoded, "a.ptz")
+    with torch.no_grad():
+        for p in m1.parameters():
+            p.add_(1.0)  # a stage adapting its copy must leave the next copy untouched
+    m2 = tg.model_from_decoded(h, rt, decoded, "a.ptz")
+    ref = tg.load_model_from_artifact(h, rt, blob, "a.ptz").state_dict()
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+        assert not torch.equal(m1.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize("override,name", [
     ({"num_layers": 5}, "NUM_LAYERS"), ({"model_dim": 128}, "MODEL_DIM"), ({"mlp_mult": 3.0}, "MLP_MULT"),
     ({"recur_layers": "2,3"}, "RECUR_LAYERS"), ({"vocab_size": 512}, "VOCAB_SIZE"), ({"rope_dims": 4}, "ROPE_DIMS"),
