@@ -149,7 +149,8 @@ class Hyperparameters:
     ttt_chains: str = "rank"  # rank: one chain per rank over its own chunks; shared: one model, chunks split
     ttt_chain_warmup: int = 0  # rank chains: first train on up to N chunks before the range (scored by others)
     ttt_grad_clip: float = 1.0
-    ttt_optimizer: str = "sgd"  # sgd (momentum TTT_MOMENTUM) or adamw (weight decay 0)
+    ttt_optimizer: str = "sgd"  # sgd (momentum TTT_MOMENTUM), adamw (weight decay 0) or muon (below)
+    ttt_muon_lr: float = 0.002  # TTT_OPTIMIZER=muon: lr of the block matrices' orthogonalized updates
     ttt_freeze: int = 0  # blocks[:TTT_FREEZE] and the embeddings stay fixed when > 0
     # --- pre-quant TTT (the requested recipe; NOT leaderboard-legal)
     pre_quant_ttt: bool = False
@@ -269,8 +270,10 @@ class Hyperparameters:
             bad("TTT_CHAINS", "must be shared or rank")
         if self.ttt_chain_warmup and self.ttt_chains != "rank":
             bad("TTT_CHAIN_WARMUP", "only applies to TTT_CHAINS=rank (a shared chain never restarts)")
-        if self.ttt_optimizer not in ("sgd", "adamw"):
-            bad("TTT_OPTIMIZER", "must be sgd or adamw")
+        if self.ttt_optimizer not in ("sgd", "adamw", "muon"):
+            bad("TTT_OPTIMIZER", "must be sgd, adamw or muon")
+        if self.ttt_optimizer == "muon" and not (self.ttt_lr > 0 and self.ttt_muon_lr >= 0):
+            bad("TTT_MUON_LR", "needs TTT_LR > 0 (the cosine schedule scales both) and TTT_MUON_LR >= 0")
         if not 0 <= self.ttt_freeze < self.num_layers:
             bad("TTT_FREEZE", f"must be in [0, NUM_LAYERS={self.num_layers})")
         if self.size_fit not in ("auto", "prune", "fail"):
@@ -1878,7 +1881,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
         if trace is not None:  # token index ranges this rank reads
             trace[(key, c)] = [(st, st + 1, st + L + 1) for b in batches for st in split(b)]
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         model.train()
         for b in batches * epochs:  # epoch-major: every batch of the chunk, `epochs` times
             my = split(b)
@@ -1939,6 +1942,36 @@ def train_only_blocks(model: GPT, first: int) -> list[nn.Parameter]:
     return params
 
 
+class JointOptimizer:
+    """Several optimizers stepped as one; the TTT loop sets each group's lr to lr * group['lr_scale']."""
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def ttt_muon(h: Hyperparameters, rt: Runtime, model: GPT, params: list[nn.Parameter]) -> JointOptimizer:
+    """TTT_OPTIMIZER=muon: the block matrices (training's Muon group) take MuonEq-R Nesterov updates at
+    TTT_MUON_LR; embeddings and control tensors keep SGD at TTT_LR. Each rank orthogonalizes every
+    matrix itself (a rank chain has no peers; a shared chain's gradients are already averaged)."""
+    trainable = {id(p) for p in params}
+    mats = [p for _, p in route_parameters(model)["muon"] if id(p) in trainable]
+    rest = [p for p in params if id(p) not in {id(m) for m in mats}]
+    local = Runtime(device=rt.device)  # world_size 1: no collectives inside the step
+    muon = Muon(mats, lr=h.ttt_muon_lr, momentum=h.ttt_momentum, backend_steps=5, weight_decay=0.0, rt=local)
+    muon.param_groups[0]["lr_scale"] = h.ttt_muon_lr / h.ttt_lr
+    opts = [muon] + ([torch.optim.SGD(rest, lr=h.ttt_lr, momentum=h.ttt_momentum)] if rest else [])
+    return JointOptimizer(*opts)
+
+
 def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
              use_etlb: bool, trace=None, meter: BpbMeter | None = None) -> tuple[float, float]:
     """Legal score-first TTT on the dequantized model: cosine lr over chunks, grad clip."""
@@ -1952,6 +1985,8 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
     def make_opt(ps):
         if h.ttt_optimizer == "adamw":
             return torch.optim.AdamW(ps, lr=h.ttt_lr, weight_decay=0.0)
+        if h.ttt_optimizer == "muon":
+            return ttt_muon(h, rt, model, ps)
         return torch.optim.SGD(ps, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
     def lr_at(c, n):

@@ -363,6 +363,25 @@ def test_ttt_minibatches_stay_score_first(setup, mode):
     assert not torch.equal(run_mode(setup, mode, setup.tokens, h=h), one_step)
 
 
+def test_ttt_muon_optimizer_stays_score_first(setup):
+    # TTT_OPTIMIZER=muon: block matrices take orthogonalized updates, the rest SGD; still score-first
+    # and causal, on one chain and on two rank chains (whose Muon must not call collectives).
+    h = dataclasses.replace(setup.h, ttt_optimizer="muon", ttt_muon_lr=0.01, ttt_batch_seqs=1)
+    h.validate()
+    trace, events = run_with_events(setup, "ttt", setup.tokens, h=h)
+    n_chunks = math.ceil(N_TARGETS / CHUNK)
+    assert train_after_score_violations(trace, n_chunks) == [] and event_violations(events) == []
+    v = causality_violations(mode_runner(setup, "ttt", h=h), setup.tokens, LEAK_POSITIONS, setup.h.vocab_size)
+    assert v == []
+    sgd = run_mode(setup, "ttt", setup.tokens, h=dataclasses.replace(h, ttt_optimizer="sgd"))
+    muon = run_mode(setup, "ttt", setup.tokens, h=h)
+    assert torch.equal(muon[:CHUNK], sgd[:CHUNK]) and not torch.equal(muon[CHUNK:], sgd[CHUNK:])
+    ranks = dataclasses.replace(h, ttt_chains="rank")
+    v = causality_violations(lambda t: run_rank_chains(setup, "ttt", t, ranks), setup.tokens, LEAK_POSITIONS,
+                             setup.h.vocab_size)
+    assert v == []
+
+
 def run_rank_chains(s: Setup, mode: str, tokens: torch.Tensor, h: tg.Hyperparameters, world: int = 2,
                     traces: list | None = None) -> torch.Tensor:
     """TTT_CHAINS=rank on `world` ranks, run rank by rank in one process (the chains never talk

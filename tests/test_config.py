@@ -85,6 +85,8 @@ def test_defaults_are_the_seed_command():
     ({"XSA_LAST_N": "12"}, "XSA_LAST_N"),
     ({"SIZE_FIT": "squeeze"}, "SIZE_FIT"),
     ({"TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER"),
+    ({"TTT_OPTIMIZER": "muon", "TTT_MUON_LR": "-0.001"}, "TTT_MUON_LR"),
+    ({"TTT_OPTIMIZER": "muon", "TTT_LR": "0"}, "TTT_MUON_LR"),
     ({"TTT_CHAINS": "both"}, "TTT_CHAINS"),
     ({"TTT_CHAIN_WARMUP": "-1"}, "TTT_CHAIN_WARMUP"),
     ({"TTT_CHAINS": "shared", "TTT_CHAIN_WARMUP": "2"}, "TTT_CHAIN_WARMUP"),

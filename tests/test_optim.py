@@ -152,3 +152,34 @@ def test_optimizers_schedule_sets_lr_and_momentum(rt_cpu):
     assert opts.muon.param_groups[0]["weight_decay"] == h.muon_wd
     n_opt = sum(len(g["params"]) for o in opts.all for g in o.param_groups)
     assert n_opt == len(list(m.parameters()))
+
+
+def test_ttt_muon_routes_matrices_and_orthogonalizes_their_updates(tiny_h, rt_cpu):
+    h = dataclasses.replace(tiny_h, ttt_optimizer="muon", ttt_lr=0.01, ttt_muon_lr=0.004, ttt_momentum=0.0)
+    model = tg.build_model(h, rt_cpu)
+    params = list(model.parameters())
+    opt = tg.ttt_muon(h, tg.Runtime(rank=1, world_size=2, device=rt_cpu.device), model, params)
+    muon_group, sgd_group = opt.param_groups
+    mats = {n for n, _ in tg.route_parameters(model)["muon"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in muon_group["params"]} == mats
+    assert {names[id(p)] for p in sgd_group["params"]} == set(names.values()) - mats  # every parameter once
+    assert muon_group["lr_scale"] == pytest.approx(0.4) and "lr_scale" not in sgd_group
+    for g in opt.param_groups:  # what the TTT loop does at cosine factor 0.5
+        g["lr"] = 0.5 * h.ttt_lr * g.get("lr_scale", 1.0)
+    w = model.blocks[0].mlp.fc.weight
+    before, emb = w.detach().clone(), model.tok_emb.weight.detach().clone()
+    torch.manual_seed(0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    w.grad = torch.randn(w.shape[0], 1) * torch.randn(1, w.shape[1]) + 0.01 * torch.randn_like(w)  # ~rank 1
+    model.tok_emb.weight.grad = torch.ones_like(emb)
+    opt.step()  # world_size 2 and no process group: a collective would raise here
+    sv = torch.linalg.svdvals(before - w.detach())
+    raw = torch.linalg.svdvals(w.grad)
+    assert raw[0] / raw[min(w.shape) // 2] > 20  # the gradient is far from orthogonal ...
+    assert sv[0] / sv[min(w.shape) // 2] < 3  # ... its Muon update is not
+    # SGD part: plain step at lr 0.005 (momentum 0)
+    assert torch.allclose(emb - model.tok_emb.weight.detach(), torch.full_like(emb, 0.5 * h.ttt_lr))
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
