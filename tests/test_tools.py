@@ -601,3 +601,42 @@ def test_ttt_sweep_names_runs_after_sweep_name(tmp_path):
     assert r.returncode == 0, r.stderr
     assert [ln.split(" [")[0] for ln in r.stdout.splitlines()] == ["m42_1", "m42_2"]
     assert (tmp_path / "runs" / "m42_2" / "console.txt").exists() and not (tmp_path / "runs" / "sweep1").exists()
+
+
+# ============================================================================ scripts/long_val_timing.sh
+
+
+def test_long_val_timing_builds_a_prefix_val_shard_and_runs_the_eval(tmp_path):
+    import numpy as np
+    bench = tmp_path / "bench"
+    ds = bench / "datasets" / "fineweb10B_sp1024"
+    ds.mkdir(parents=True)
+    (bench / "tokenizers").mkdir()
+    (bench / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"tok")
+    toks = (np.arange(5000) % 1024).astype("<u2")
+    head = np.zeros(256, dtype="<i4")
+    head[:3] = (20240520, 1, toks.size)
+    (ds / "fineweb_train_000000.bin").write_bytes(head.tobytes() + toks.tobytes())
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "long_val_timing.sh").write_text((REPO / "scripts" / "long_val_timing.sh").read_text())
+    (scripts / "bench.sh").write_text(FAKE_BENCH)
+    art = tmp_path / "a.ptz"
+    art.write_bytes(b"x")
+    env = {k: v for k, v in os.environ.items() if k not in ("BENCH_DATA_DIR", "NPROC")}
+    env.update(BENCH_RUNS=str(tmp_path / "runs"), BENCH_DATA_DIR=str(bench), LONGVAL_DIR=str(tmp_path / "lv"),
+               LONGVAL_TOKENS="1001", NPROC="4")
+    run = lambda *a: subprocess.run(["bash", str(scripts / "long_val_timing.sh"), *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    r = run(str(art), "TTT_LR=0.004")
+    assert r.returncode == 0, r.stderr
+    val = (tmp_path / "lv" / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin").read_bytes()
+    assert np.frombuffer(val[:12], dtype="<i4").tolist() == [20240520, 1, 1001] and len(val) == 1024 + 2 * 1001
+    assert np.array_equal(np.frombuffer(val[1024:], dtype="<u2"), toks[:1001])
+    assert (tmp_path / "lv" / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"tok"
+    call = (tmp_path / "runs" / "calls.txt").read_text().splitlines()[-1]
+    assert call == f"unset|LOAD_ARTIFACT={art.resolve()} DATA_DIR={tmp_path / 'lv'}/ TTT_LR=0.004"
+    assert (tmp_path / "runs" / "longval_np4" / "console.txt").exists() and "final_int6_ttt_etlb" in r.stdout
+    env["LONGVAL_TOKENS"] = "6000"  # longer than the shard: a clear error, no run
+    r = run(str(art))
+    assert r.returncode != 0 and "at least 6000 tokens" in r.stderr

@@ -1,0 +1,39 @@
+#!/bin/bash
+# Full-size evaluation timing on a stand-in validation set as long as the real one (timing only:
+# the artifact was trained on these tokens, so the scores mean nothing):
+#   [NPROC=4] [LONGVAL_TOKENS=45514753] scripts/long_val_timing.sh ARTIFACT [VAR=V ...]
+# Needs BENCH_DATA_DIR (`source .bench/device_prep.sh` in the same shell). Writes
+# ${LONGVAL_DIR:-/tmp/longval} whose validation shard is the first LONGVAL_TOKENS tokens of the
+# bench's training shard (default: the 45,514,752 targets + 1 of the FineWeb validation set,
+# 1,389 TTT chunks), then runs the default evaluation of ARTIFACT on NPROC GPUs as run
+# longval_np$NPROC; its stage:* and eval_time_total lines are the measurement.
+set -u
+: "${BENCH_DATA_DIR:?is not set: run 'source .bench/device_prep.sh' in this shell first}"
+[ $# -ge 1 ] && [ -f "$1" ] || { echo "long_val_timing.sh: no artifact file at '${1:-}'" >&2; exit 2; }
+art=$(readlink -f "$1"); shift
+here=$(cd "$(dirname "$0")" && pwd)
+out=${LONGVAL_DIR:-/tmp/longval}
+src=$(ls "$BENCH_DATA_DIR"/datasets/fineweb10B_sp*/fineweb_train_000000.bin 2>/dev/null | head -1)
+[ -n "$src" ] || { echo "long_val_timing.sh: no training shard under $BENCH_DATA_DIR/datasets" >&2; exit 2; }
+ds=$(basename "$(dirname "$src")")
+mkdir -p "$out/datasets/$ds" && rm -rf "$out/tokenizers" && cp -r "$BENCH_DATA_DIR/tokenizers" "$out/" || exit 1
+ln -sf "$src" "$out/datasets/$ds/fineweb_train_000000.bin"
+python3 - "$src" "$out/datasets/$ds/fineweb_val_000000.bin" "${LONGVAL_TOKENS:-45514753}" <<'PY' || exit 1
+import sys
+import numpy as np
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+head = np.fromfile(src, dtype="<i4", count=256)
+have = int(head[2])
+if head[0] != 20240520 or have < n:
+    sys.exit(f"long_val_timing.sh: {src} is not a shard of at least {n} tokens (header {head[:3].tolist()})")
+tokens = np.fromfile(src, dtype="<u2", count=n, offset=1024)
+head[2] = n
+with open(dst, "wb") as f:
+    f.write(head.astype("<i4").tobytes())
+    f.write(tokens.astype("<u2").tobytes())
+print(f"long validation shard: {n} tokens of {have} -> {dst}")
+PY
+NPROC=${NPROC:-1} bash "$here/bench.sh" "longval_np${NPROC:-1}" "${SEED:-1337}" LOAD_ARTIFACT="$art" DATA_DIR="$out/" "$@"
+rc=$?
+grep -hE '^(val_tokens|stage:|final_|eval_time_total|ttt_etlb: loop)' "${BENCH_RUNS:-/tmp/runs}/longval_np${NPROC:-1}/console.txt"
+exit $rc
