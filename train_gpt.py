@@ -1964,7 +1964,8 @@ def ttt_muon(h: Hyperparameters, rt: Runtime, model: GPT, params: list[nn.Parame
     matrix itself (a rank chain has no peers; a shared chain's gradients are already averaged)."""
     trainable = {id(p) for p in params}
     mats = [p for _, p in route_parameters(model)["muon"] if id(p) in trainable]
-    rest = [p for p in params if id(p) not in {id(m) for m in mats}]
+    in_mats = {id(m) for m in mats}
+    rest = [p for p in params if id(p) not in in_mats]
     local = Runtime(device=rt.device)  # world_size 1: no collectives inside the step
     muon = Muon(mats, lr=h.ttt_muon_lr, momentum=h.ttt_momentum, backend_steps=5, weight_decay=0.0, rt=local)
     muon.param_groups[0]["lr_scale"] = h.ttt_muon_lr / h.ttt_lr
