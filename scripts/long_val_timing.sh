@@ -18,20 +18,20 @@ src=$(ls "$BENCH_DATA_DIR"/datasets/fineweb10B_sp*/fineweb_train_000000.bin 2>/d
 ds=$(basename "$(dirname "$src")")
 mkdir -p "$out/datasets/$ds" && rm -rf "$out/tokenizers" && cp -r "$BENCH_DATA_DIR/tokenizers" "$out/" || exit 1
 ln -sf "$src" "$out/datasets/$ds/fineweb_train_000000.bin"
-python3 - "$src" "$out/datasets/$ds/fineweb_val_000000.bin" "${LONGVAL_TOKENS:-45514753}" <<'PY' || exit 1
+python3 - "$here/../data" "$src" "$out/datasets/$ds/fineweb_val_000000.bin" "${LONGVAL_TOKENS:-45514753}" <<'PY' || exit 1
 import sys
-import numpy as np
-src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-head = np.fromfile(src, dtype="<i4", count=256)
-have = int(head[2])
-if head[0] != 20240520 or have < n:
-    sys.exit(f"long_val_timing.sh: {src} is not a shard of at least {n} tokens (header {head[:3].tolist()})")
-tokens = np.fromfile(src, dtype="<u2", count=n, offset=1024)
-head[2] = n
-with open(dst, "wb") as f:
-    f.write(head.astype("<i4").tobytes())
-    f.write(tokens.astype("<u2").tobytes())
-print(f"long validation shard: {n} tokens of {have} -> {dst}")
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from shard_io import read_shard_tokens, shard_problem, write_shard  # the project's shard format
+src, dst, n = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+problem = shard_problem(src)
+if problem:
+    sys.exit(f"long_val_timing.sh: {src}: {problem}")
+tokens = read_shard_tokens(src)
+if tokens.size < n:
+    sys.exit(f"long_val_timing.sh: {src} is not a shard of at least {n} tokens ({tokens.size})")
+write_shard(dst, tokens[:n])
+print(f"long validation shard: {n} tokens of {tokens.size} -> {dst}")
 PY
 NPROC=${NPROC:-1} bash "$here/bench.sh" "longval_np${NPROC:-1}" "${SEED:-1337}" LOAD_ARTIFACT="$art" DATA_DIR="$out/" "$@"
 rc=$?

@@ -620,6 +620,8 @@ def test_long_val_timing_builds_a_prefix_val_shard_and_runs_the_eval(tmp_path):
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     (scripts / "long_val_timing.sh").write_text((REPO / "scripts" / "long_val_timing.sh").read_text())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shard_io.py").write_text((REPO / "data" / "shard_io.py").read_text())
     (scripts / "bench.sh").write_text(FAKE_BENCH)
     art = tmp_path / "a.ptz"
     art.write_bytes(b"x")
