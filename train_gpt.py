@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import lzma
@@ -149,6 +150,7 @@ class Hyperparameters:
     ttt_chains: str = "rank"  # rank: one chain per rank over its own chunks; shared: one model, chunks split
     ttt_chain_warmup: int = 0  # rank chains: first train on up to N chunks before the range (scored by others)
     ttt_grad_clip: float = 1.0
+    ttt_min_lr: float = 0.0  # the cosine over chunks ends at TTT_MIN_LR * TTT_LR (0 = decays to zero)
     ttt_optimizer: str = "sgd"  # sgd (momentum TTT_MOMENTUM), adamw (weight decay 0) or muon (below)
     ttt_muon_lr: float = 0.002  # TTT_OPTIMIZER=muon: lr of the block matrices' orthogonalized updates
     ttt_freeze: int = 0  # blocks[:TTT_FREEZE] and the embeddings stay fixed when > 0
@@ -274,6 +276,8 @@ class Hyperparameters:
             bad("TTT_OPTIMIZER", "must be sgd, adamw or muon")
         if self.ttt_optimizer == "muon" and not (self.ttt_lr > 0 and self.ttt_muon_lr >= 0):
             bad("TTT_MUON_LR", "needs TTT_LR > 0 (the cosine schedule scales both) and TTT_MUON_LR >= 0")
+        if not 0.0 <= self.ttt_min_lr <= 1.0:
+            bad("TTT_MIN_LR", "must be in [0, 1] (a fraction of TTT_LR)")
         if not 0 <= self.ttt_freeze < self.num_layers:
             bad("TTT_FREEZE", f"must be in [0, NUM_LAYERS={self.num_layers})")
         if self.size_fit not in ("auto", "prune", "fail"):
@@ -1923,12 +1927,12 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     model.eval()
     if etlb is not None:
         log(f"etlb: max|b|:{etlb.b.abs().max().item():.4f} mean|b|:{etlb.b.abs().mean().item():.4f}")
-    if rt.distributed:  # the stage ends with the slowest rank: log the spread
-        mine = time.perf_counter() - t0
-        span = torch.tensor([mine, -mine], device=rt.device, dtype=torch.float64)
-        all_reduce_(span, rt, dist.ReduceOp.MAX)  # (slowest, -fastest)
-        log(f"{label}: loop_seconds rank0:{mine:.1f} fastest:{-span[1].item():.1f} slowest:{span[0].item():.1f} "
-            f"chain_warmup:{warmup_chunks if per_rank else 0}")
+    if rt.distributed:  # the stage ends with the slowest rank: log every rank's loop time
+        per = torch.zeros(rt.world_size, device=rt.device, dtype=torch.float64)
+        per[rt.rank] = time.perf_counter() - t0
+        secs = all_reduce_(per, rt).tolist()  # each rank fills its own slot
+        log(f"{label}: loop_seconds rank0:{secs[0]:.1f} fastest:{min(secs):.1f} slowest:{max(secs):.1f} "
+            f"chain_warmup:{warmup_chunks if per_rank else 0} per_rank:{','.join(f'{x:.1f}' for x in secs)}")
     return meter.result(rt)
 
 
@@ -1973,6 +1977,12 @@ def ttt_muon(h: Hyperparameters, rt: Runtime, model: GPT, params: list[nn.Parame
     return JointOptimizer(*opts)
 
 
+def ttt_lr_at(h: Hyperparameters, i: int, n: int) -> float:
+    """Score-first TTT lr for the chain's i-th of n chunks: cosine from TTT_LR to TTT_MIN_LR * TTT_LR."""
+    cos = 0.5 * (1.0 + math.cos(math.pi * i / max(n - 1, 1)))
+    return h.ttt_lr * (h.ttt_min_lr + (1.0 - h.ttt_min_lr) * cos)
+
+
 def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
              use_etlb: bool, trace=None, meter: BpbMeter | None = None) -> tuple[float, float]:
     """Legal score-first TTT on the dequantized model: cosine lr over chunks, grad clip."""
@@ -1990,11 +2000,8 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
             return ttt_muon(h, rt, model, ps)
         return torch.optim.SGD(ps, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
-    def lr_at(c, n):
-        return h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n - 1, 1)))
-
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
-                             make_opt=make_opt, lr_at=lr_at, grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
+                             make_opt=make_opt, lr_at=functools.partial(ttt_lr_at, h), grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
                              label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter,
                              batch_seqs=h.ttt_batch_seqs, per_rank=h.ttt_chains == "rank",
                              warmup_chunks=h.ttt_chain_warmup)

@@ -91,6 +91,8 @@ def test_defaults_are_the_seed_command():
     ({"TTT_CHAIN_WARMUP": "-1"}, "TTT_CHAIN_WARMUP"),
     ({"TTT_CHAINS": "shared", "TTT_CHAIN_WARMUP": "2"}, "TTT_CHAIN_WARMUP"),
     ({"TTT_FREEZE": "11"}, "TTT_FREEZE"),
+    ({"TTT_MIN_LR": "1.5"}, "TTT_MIN_LR"),
+    ({"TTT_MIN_LR": "-0.1"}, "TTT_MIN_LR"),
     ({"EMBEDDING_DIM": "256"}, "EMBEDDING_DIM"),
     ({"TIE_EMBEDDINGS": "0"}, "TIE_EMBEDDINGS"),
     ({"VAL_BATCH_TOKENS": "2048"}, "VAL_BATCH_TOKENS"),

@@ -81,6 +81,21 @@ def test_newton_schulz_batch_matches_single():
         torch.testing.assert_close(Xb[i].float(), tg.zeropower_via_newtonschulz5(G[i]).float(), atol=2e-2, rtol=0)
 
 
+def test_ttt_lr_cosine_and_floor():
+    h = tg.Hyperparameters(ttt_lr=0.01)
+    n = 5
+    lrs = [tg.ttt_lr_at(h, i, n) for i in range(n)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.0)
+    assert lrs[2] == pytest.approx(0.005)  # half-way down the cosine
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    f = dataclasses.replace(h, ttt_min_lr=0.3)
+    floored = [tg.ttt_lr_at(f, i, n) for i in range(n)]
+    assert floored[0] == pytest.approx(0.01) and floored[-1] == pytest.approx(0.003)
+    assert floored[2] == pytest.approx(0.003 + 0.7 * 0.005)
+    assert tg.ttt_lr_at(dataclasses.replace(h, ttt_min_lr=1.0), 3, n) == pytest.approx(0.01)  # constant
+    assert tg.ttt_lr_at(h, 0, 1) == pytest.approx(0.01)  # a one-chunk chain
+
+
 def test_lr_scale_endpoints():
     h = dataclasses.replace(TINY, warmdown_frac=0.5, min_lr=0.0)
     assert tg.lr_scale(0.0, h) == 1.0

@@ -239,5 +239,9 @@ def test_two_process_ttt_shared_and_per_rank_chains(dataset, workdir, base_run):
         assert re.search(r"final_score metric:final_int6_ttt_etlb val_bpb:[0-9.]+ legal:1$", run.line("final_score"))
         scores[chains] = run.number("final_int6_ttt_etlb", "val_bpb:")
         slowest = run.number("ttt_etlb: loop_seconds", "slowest:")  # max over both ranks
-        assert slowest >= run.number("ttt_etlb: loop_seconds", "fastest:") >= 0
+        fastest = run.number("ttt_etlb: loop_seconds", "fastest:")
+        assert slowest >= fastest >= 0
+        per_rank = [float(x) for x in run.line("ttt_etlb: loop_seconds").split("per_rank:")[1].split(",")]
+        assert len(per_rank) == 2 and (min(per_rank), max(per_rank)) == (fastest, slowest)
+        assert per_rank[0] == run.number("ttt_etlb: loop_seconds", "rank0:")
     assert scores["shared"] != scores["rank"]  # different adaptation, both complete
