@@ -370,6 +370,10 @@ class Runtime:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    def alone(self) -> "Runtime":
+        """This process by itself on its device: world size 1, so nothing it runs calls a collective."""
+        return dataclasses.replace(self, rank=0, world_size=1, distributed=False)
+
     @staticmethod
     def single(device: str = "cpu") -> "Runtime":
         return Runtime(device=torch.device(device))
@@ -1970,8 +1974,7 @@ def ttt_muon(h: Hyperparameters, rt: Runtime, model: GPT, params: list[nn.Parame
     mats = [p for _, p in route_parameters(model)["muon"] if id(p) in trainable]
     in_mats = {id(m) for m in mats}
     rest = [p for p in params if id(p) not in in_mats]
-    local = Runtime(device=rt.device)  # world_size 1: no collectives inside the step
-    muon = Muon(mats, lr=h.ttt_muon_lr, momentum=h.ttt_momentum, backend_steps=5, weight_decay=0.0, rt=local)
+    muon = Muon(mats, lr=h.ttt_muon_lr, momentum=h.ttt_momentum, backend_steps=5, weight_decay=0.0, rt=rt.alone())
     muon.param_groups[0]["lr_scale"] = h.ttt_muon_lr / h.ttt_lr
     opts = [muon] + ([torch.optim.SGD(rest, lr=h.ttt_lr, momentum=h.ttt_momentum)] if rest else [])
     return JointOptimizer(*opts)
@@ -2001,8 +2004,8 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
         return torch.optim.SGD(ps, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
-                             make_opt=make_opt, lr_at=functools.partial(ttt_lr_at, h), grad_clip=h.ttt_grad_clip, use_etlb=use_etlb,
-                             label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter,
+                             make_opt=make_opt, lr_at=functools.partial(ttt_lr_at, h), grad_clip=h.ttt_grad_clip,
+                             use_etlb=use_etlb, label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter,
                              batch_seqs=h.ttt_batch_seqs, per_rank=h.ttt_chains == "rank",
                              warmup_chunks=h.ttt_chain_warmup)
 
@@ -2148,10 +2151,9 @@ def run(h: Hyperparameters, rt: Runtime) -> dict:
         log(f"Code size: {code_bytes} bytes (self-extracting LZMA wrapper of train_gpt.py)")
         blob = b""
         if rt.is_main:
-            solo = dataclasses.replace(rt, rank=0, world_size=1, distributed=False)
             with timed("serialize", rt.device):
                 blob, tensors, meta = fit_artifact(h, tensors, meta, extra, code_bytes,
-                                                   lambda sg: quantize_state_dict(h, solo, sd, hessians, sg))
+                                                   lambda sg: quantize_state_dict(h, rt.alone(), sd, hessians, sg))
             Path(h.artifact_path).write_bytes(blob)
         if rt.distributed:
             dist.barrier()
