@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import functools
 import glob
+import itertools
 import json
 import lzma
 import math
@@ -139,7 +140,12 @@ class Hyperparameters:
     etlb_lr: float = 0.05
     etlb_steps: int = 5
     etlb_clip: float = 3.0
-    eval_ablations: bool = False  # also run sliding+ETLB and TTT alone when both are on
+    ngram_tilt: bool = True  # boost a prefix n-gram hint token, renormalized; strength fitted online
+    ngram_orders: str = "1,2,3,4,5,6,8,12,16"  # n-gram lengths; the longest that occurred before wins
+    ngram_prior: float = 5.0  # pseudo-counts pulling each cell's fitted hit rate to the model's own
+    ngram_bins: int = 16  # cells per (order, near/far): bins of the model's probability of the hint
+    ngram_max_beta: float = 6.0  # |log boost| cap
+    eval_ablations: bool = False  # also score every subset of the enabled eval adaptations
     # --- score-first TTT at evaluation (legal)
     ttt_enabled: bool = True
     ttt_lr: float = 0.005
@@ -193,6 +199,10 @@ class Hyperparameters:
         return parse_int_list(self.ve_layers, "VE_LAYERS") if self.ve_enabled else []
 
     @property
+    def ngram_order_list(self) -> list[int]:
+        return parse_int_list(self.ngram_orders, "NGRAM_ORDERS")
+
+    @property
     def recur_warmup(self) -> int:
         return self.warmup_steps if self.recur_warmup_steps < 0 else self.recur_warmup_steps
 
@@ -227,7 +237,7 @@ class Hyperparameters:
                   "gptq_calibration_batches", "gptq_reserve_seconds", "etlb_steps", "ttt_epochs",
                   "pre_quant_ttt_epochs", "recur_start_step", "muon_momentum_warmup_steps",
                   "grad_clip_norm", "min_lr", "ttt_grad_clip", "xsa_last_n", "n_int6_layers", "ttt_batch_seqs",
-                  "ttt_chain_warmup"]
+                  "ttt_chain_warmup", "ngram_prior", "ngram_max_beta"]
         for n in nonneg:
             if getattr(self, n) < 0:
                 bad(n.upper(), "must be >= 0")
@@ -262,6 +272,11 @@ class Hyperparameters:
             bad("EMA_DECAY", "must be in [0, 1)")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             bad("WARMDOWN_FRAC", "must be in [0, 1]")
+        orders = parse_int_list(self.ngram_orders, "NGRAM_ORDERS")
+        if not orders or not 1 <= min(orders) <= max(orders) <= 256:
+            bad("NGRAM_ORDERS", "must list n-gram lengths in [1, 256], e.g. 1,2,3,4")
+        if not 1 <= self.ngram_bins <= 1024:
+            bad("NGRAM_BINS", "must be in [1, 1024]")
         for n in ["recur_layers", "ve_layers"]:
             for i in parse_int_list(getattr(self, n), n.upper()):
                 if not 0 <= i < self.num_layers:
@@ -1772,13 +1787,101 @@ class Etlb:
         self.b = self._fit(logits.float(), targets, self.b)
 
 
+_NGRAM_HASH_MUL = 0x5851F42D4C957F2D  # odd; int64 products wrap, so keys are hashes, not exact n-grams
+
+
+def ngram_hints(tokens: Tensor, orders: list[int], near: int) -> tuple[Tensor, Tensor]:
+    """Prefix n-gram hints for every target index i (token i+1, predicted from tokens[:i+1]).
+
+    For each n in `orders`, the n-gram tokens[i-n+1..i] is looked up among the earlier
+    positions t < i where the same n-gram ended; the hint is the token that followed its most
+    recent occurrence, tokens[t+1] (t+1 <= i, so inside the prefix). The longest order that
+    occurred wins. Returns (hint, cell): hint -1 where no order occurred, and cell =
+    2 * (index of the order in `orders`) + (1 if that occurrence is more than `near` tokens back).
+    Everything here reads tokens[:i+1] only (tested by changing later tokens).
+    """
+    ctx = tokens[:-1].long()
+    n_tgt = ctx.numel()
+    hint = torch.full((n_tgt,), -1, dtype=torch.long, device=ctx.device)
+    cell = torch.full((n_tgt,), -1, dtype=torch.long, device=ctx.device)
+    key = torch.zeros(n_tgt, dtype=torch.long, device=ctx.device)
+    done = 0
+    for k, n in sorted(enumerate(orders), key=lambda kn: kn[1]):  # shortest first; longer ones overwrite
+        if n > n_tgt:
+            break
+        while done < n:  # key[i] hashes tokens[i-done+1 .. i]; grown one token at a time
+            key[done:] = key[done:] * _NGRAM_HASH_MUL + ctx[:n_tgt - done] + 1
+            done += 1
+        keys = key[n - 1:]  # n-grams ending at i = n-1 .. n_tgt-1
+        by_key = torch.sort(keys, stable=True).indices  # equal keys stay in position order
+        same = keys[by_key[1:]] == keys[by_key[:-1]]
+        cur, prev = by_key[1:][same] + (n - 1), by_key[:-1][same] + (n - 1)  # prev: latest earlier occurrence
+        hint[cur] = ctx[prev + 1]
+        cell[cur] = 2 * k + (cur - prev > near).long()
+    return hint, cell
+
+
+class NgramTilt:
+    """Prefix n-gram hint tilt with an online-fitted boost.
+
+    Position i has hint token g (from ngram_hints) and the model's probability q of g (after
+    ETLB, if on). The scored distribution is p'(x) = q(x) exp(beta [x = g]) / (1 + q (e^beta - 1)),
+    an exactly normalized softmax over the whole vocabulary. beta depends on the position's cell:
+    (order, near/far, bin of q). Per cell it maps the mean model probability of the hint, qbar,
+    to the hint's observed hit rate on targets this chain has already scored, shrunk toward qbar
+    with NGRAM_PRIOR pseudo-counts: beta = logit((hits + a qbar) / (n + a)) - logit(qbar). Each call
+    fixes beta for a whole batch from earlier batches' statistics, then adds the batch to them.
+    """
+
+    def __init__(self, h: Hyperparameters, rt: Runtime, tokens: Tensor):
+        near = h.eval_seq_len - h.eval_stride  # a hint this close is inside every scored window's context
+        self.hint, self.cell = ngram_hints(tokens, h.ngram_order_list, near)
+        self.bins, self.prior, self.max_beta = h.ngram_bins, h.ngram_prior, h.ngram_max_beta
+        n_cells = 2 * len(h.ngram_order_list) * self.bins
+        self.stats = torch.zeros(3, n_cells, dtype=torch.float64, device=rt.device)  # count, hits, sum q
+
+    def adjust(self, nll: Tensor, logq_hint: Tensor, idx: Tensor, tgt: Tensor) -> Tensor:
+        """nll of targets `idx` under the tilt. nll and logq_hint come from the same distribution q."""
+        g = self.hint[idx]
+        has = g >= 0
+        if not bool(has.any()):
+            return nll
+        q = logq_hint[has].double().exp().clamp(1e-12, 1.0 - 1e-12)
+        c = self.cell[idx][has] * self.bins + (q * self.bins).long().clamp(max=self.bins - 1)
+        n, hits, qsum = self.stats[:, c]
+        qbar = torch.where(n > 0, qsum / n.clamp(min=1), q).clamp(1e-12, 1.0 - 1e-12)
+        rate = ((hits + self.prior * qbar) / (n + self.prior)).clamp(1e-12, 1.0 - 1e-12)
+        beta = (torch.logit(rate) - torch.logit(qbar)).clamp(-self.max_beta, self.max_beta)
+        hit = (g[has] == tgt[has]).double()
+        out = nll.double().clone()
+        out[has] += torch.log1p(q * torch.expm1(beta)) - beta * hit
+        self.stats.index_put_((torch.zeros_like(c), c), torch.ones_like(q), accumulate=True)  # after scoring
+        self.stats.index_put_((torch.ones_like(c), c), hit, accumulate=True)
+        self.stats.index_put_((torch.full_like(c, 2), c), q, accumulate=True)
+        return out.to(nll.dtype)
+
+    def summary(self) -> str:
+        n, hits, _ = self.stats.sum(dim=1).tolist()
+        return f"ngram: hinted:{int(n)} hit_rate:{hits / max(n, 1):.4f} hinted_frac:{n / max(self.hint.numel(), 1):.4f}"
+
+
+def _nll_and_hint_logq(z: Tensor, tgt: Tensor, hint: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row nll of tgt and log-probability of hint (clamped to a valid id) under softmax(z)."""
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse - z.gather(-1, tgt[..., None])[..., 0]
+    return nll, z.gather(-1, hint.clamp(min=0)[..., None])[..., 0] - lse
+
+
 @torch.no_grad()
 def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: Tensor, windows,
-                  meter: BpbMeter, luts: ByteLuts, etlb: Etlb | None = None, record=None) -> None:
+                  meter: BpbMeter, luts: ByteLuts, etlb: Etlb | None = None, record=None,
+                  tilt: NgramTilt | None = None) -> None:
     """Score `windows` (list of (start, s)) into meter, in order. tokens: on device.
 
     With ETLB, window k's bias is first fitted on its own context positions [0, s), i.e. on
     targets before its first scored one, then used to score positions [s, wlen).
+    With the n-gram tilt, each batch's scored targets are re-weighted with boosts fitted on
+    earlier batches (NgramTilt.adjust), on top of the (ETLB-biased) distribution.
     """
     L, B = h.eval_seq_len, h.eval_batch_seqs
     total = tokens.numel() - 1
@@ -1799,33 +1902,52 @@ def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: T
         mask = (pos[lo:] >= sc[:, None]) & (pos[lo:] < wlen[:, None])
         if record is not None:
             record.extend((w, w + s, w + e) for (w, s), e in zip(batch, ends))
-        if etlb is None:
+        tidx = ws[:, None] + pos[lo:]  # window position j predicts target index start + j
+        hint = tilt.hint[tidx.clamp(max=total - 1)] if tilt is not None else None
+        logq = torch.zeros(B, L - lo, device=tokens.device)  # log q(hint), for the tilt
+        if etlb is None and tilt is None:
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, lo:].reshape(-1),
                                   reduction="none").reshape(B, -1)
+        elif etlb is None:
+            nll, logq = _nll_and_hint_logq(logits, y[:, lo:], hint)
         else:
             nll = torch.zeros(B, L, device=tokens.device)
             for i, ((w, s), e) in enumerate(zip(batch, ends)):
                 if s > 0:
                     etlb.fit(logits[i, :s], y[i, :s])
-                nll[i, s:e] = F.cross_entropy(logits[i, s:e] + etlb.b, y[i, s:e], reduction="none")
-        tidx = ws[:, None] + pos[lo:]  # window position j predicts target index start + j
-        meter.add(nll[mask], x[:, lo:][mask], y[:, lo:][mask], luts, tidx[mask])
+                if tilt is None:
+                    nll[i, s:e] = F.cross_entropy(logits[i, s:e] + etlb.b, y[i, s:e], reduction="none")
+                else:
+                    nll[i, s:e], logq[i, s:e] = _nll_and_hint_logq(logits[i, s:e] + etlb.b, y[i, s:e], hint[i, s:e])
+        nll = nll[mask]
+        if tilt is not None:
+            nll = tilt.adjust(nll, logq[mask], tidx[mask], y[:, lo:][mask])
+        meter.add(nll, x[:, lo:][mask], y[:, lo:][mask], luts, tidx[mask])
 
 
 def eval_sliding(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
-                 use_etlb: bool = False, record=None, meter: BpbMeter | None = None) -> tuple[float, float]:
-    """Sliding-window BPB; windows split into contiguous rank ranges (one ETLB chain each)."""
+                 use_etlb: bool = False, record=None, meter: BpbMeter | None = None,
+                 use_ngram: bool = False) -> tuple[float, float]:
+    """Sliding-window BPB; windows split into contiguous rank ranges (one ETLB/tilt chain each)."""
     tokens = tokens.to(rt.device)
     windows = plan_windows(tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
     mine = rank_share(windows, rt)
     meter = meter or BpbMeter(rt.device)
     etlb = Etlb(h, rt) if use_etlb else None
+    tilt = NgramTilt(h, rt, tokens) if use_ngram else None
     model.eval()
     score_windows(h, rt, maybe_compile(model.forward_hidden, h, rt), model.logits, tokens, mine, meter, luts,
-                  etlb, record)
+                  etlb, record, tilt)
+    log_adapters(etlb, tilt)
+    return meter.result(rt)
+
+
+def log_adapters(etlb: Etlb | None, tilt: NgramTilt | None) -> None:
+    """End-of-pass state of this rank's ETLB bias and n-gram tilt (rank 0's is logged)."""
     if etlb is not None:
         log(f"etlb: max|b|:{etlb.b.abs().max().item():.4f} mean|b|:{etlb.b.abs().mean().item():.4f}")
-    return meter.result(rt)
+    if tilt is not None:
+        log(tilt.summary())
 
 
 # =============================================================================
@@ -1857,7 +1979,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
                       chunk: int, epochs: int, params: list[nn.Parameter], make_opt, lr_at, grad_clip: float,
                       use_etlb: bool = False, label: str = "ttt", trace=None, batch_seqs: int = 0,
                       per_rank: bool = False, warmup_chunks: int = 0,
-                      meter: BpbMeter | None = None) -> tuple[float, float]:
+                      meter: BpbMeter | None = None, use_ngram: bool = False) -> tuple[float, float]:
     """Score each chunk's windows, then (not on the last chunk) train `epochs` passes over its
     sequences, `batch_seqs` sequences per optimizer step (0: the whole chunk in one step).
     Shared chain: all ranks split every chunk and average gradients, one model.
@@ -1872,6 +1994,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
     groups = chunk_windows(plan_windows(total, L, h.eval_stride), chunk, n_chunks)
     meter = meter or BpbMeter(rt.device)
     etlb = Etlb(h, rt) if use_etlb else None
+    tilt = NgramTilt(h, rt, tokens) if use_ngram else None
     hidden_fn = maybe_compile(model.forward_hidden, h, rt)
     loss_fn = maybe_compile(model, h, rt)
     opt = make_opt(params)
@@ -1921,7 +2044,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
         wins = groups[c]
         model.eval()
         score_windows(h, rt, hidden_fn, model.logits, tokens, split(wins), meter, luts, etlb,
-                      None if trace is None else trace.setdefault(("score", c), []))
+                      None if trace is None else trace.setdefault(("score", c), []), tilt)
         if i == len(chunks) - 1 or epochs == 0:  # never train on the (chain's) last chunk
             continue
         train_chunk(c, lr_at(i, len(chunks)), "train")
@@ -1929,8 +2052,7 @@ def score_first_adapt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tenso
             vb = meter.local_bpb()
             log(f"{label}_chunk:{c + 1}/{n_chunks} rank0_running_bpb:{vb:.4f} elapsed:{time.perf_counter() - t0:.1f}s")
     model.eval()
-    if etlb is not None:
-        log(f"etlb: max|b|:{etlb.b.abs().max().item():.4f} mean|b|:{etlb.b.abs().mean().item():.4f}")
+    log_adapters(etlb, tilt)
     if rt.distributed:  # the stage ends with the slowest rank: log every rank's loop time
         per = torch.zeros(rt.world_size, device=rt.device, dtype=torch.float64)
         per[rt.rank] = time.perf_counter() - t0
@@ -1987,7 +2109,8 @@ def ttt_lr_at(h: Hyperparameters, i: int, n: int) -> float:
 
 
 def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
-             use_etlb: bool, trace=None, meter: BpbMeter | None = None) -> tuple[float, float]:
+             use_etlb: bool, trace=None, meter: BpbMeter | None = None,
+             use_ngram: bool = False) -> tuple[float, float]:
     """Legal score-first TTT on the dequantized model: cosine lr over chunks, grad clip."""
     if h.ttt_freeze > 0:
         params = train_only_blocks(model, h.ttt_freeze)
@@ -2005,9 +2128,14 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
 
     return score_first_adapt(h, rt, model, tokens, luts, chunk=h.ttt_chunk, epochs=h.ttt_epochs, params=params,
                              make_opt=make_opt, lr_at=functools.partial(ttt_lr_at, h), grad_clip=h.ttt_grad_clip,
-                             use_etlb=use_etlb, label="ttt_etlb" if use_etlb else "ttt", trace=trace, meter=meter,
-                             batch_seqs=h.ttt_batch_seqs, per_rank=h.ttt_chains == "rank",
-                             warmup_chunks=h.ttt_chain_warmup)
+                             use_etlb=use_etlb, label=mode_label(True, use_etlb, use_ngram), trace=trace,
+                             meter=meter, batch_seqs=h.ttt_batch_seqs, per_rank=h.ttt_chains == "rank",
+                             warmup_chunks=h.ttt_chain_warmup, use_ngram=use_ngram)
+
+
+def mode_label(ttt: bool, etlb: bool, ngram: bool) -> str:
+    """ttt_etlb_ngram, sliding_window_etlb, ...: the eval mode's name in log lines."""
+    return ("ttt" if ttt else "sliding_window") + ("_etlb" if etlb else "") + ("_ngram" if ngram else "")
 
 
 def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
@@ -2202,22 +2330,32 @@ def run(h: Hyperparameters, rt: Runtime) -> dict:
     scored("final_int6_roundtrip", lambda: eval_val(h, rt, maybe_compile(model, h, rt), val_tokens, luts))
     if h.sliding_window_enabled:
         scored("final_int6_sliding_window", lambda: eval_sliding(h, rt, model, val_tokens, luts))
-    both = h.ttt_enabled and h.etlb_enabled
-    if h.etlb_enabled and (not h.ttt_enabled or h.eval_ablations):
-        scored("final_int6_sliding_window_etlb", lambda: eval_sliding(h, rt, model, val_tokens, luts, use_etlb=True))
-    if h.ttt_enabled and (not h.etlb_enabled or h.eval_ablations):
-        scored("final_int6_ttt", lambda: eval_ttt(h, rt, fresh_model(), val_tokens, luts, use_etlb=False))
-    if both:
-        scored("final_int6_ttt_etlb", lambda: eval_ttt(h, rt, fresh_model(), val_tokens, luts, use_etlb=True))
-    order = ["final_int6_ttt_etlb", "final_int6_ttt", "final_int6_sliding_window_etlb", "final_int6_sliding_window",
-             "final_int6_roundtrip"]
-    final = next(k for k in order if k in results["scores"])
+    final = "final_int6_sliding_window" if h.sliding_window_enabled else "final_int6_roundtrip"
+    for ttt, etlb, ngram in eval_modes(h):
+        label = "final_int6_" + mode_label(ttt, etlb, ngram)
+        if ttt:
+            scored(label, lambda: eval_ttt(h, rt, fresh_model(), val_tokens, luts, use_etlb=etlb, use_ngram=ngram))
+        else:
+            scored(label, lambda: eval_sliding(h, rt, model, val_tokens, luts, use_etlb=etlb, use_ngram=ngram))
+        final = label  # the last mode is the one with every enabled adaptation
     results.update(final_metric=final, final_bpb=results["scores"][final], legal=legal, reasons=reasons,
                    eval_seconds=eval_seconds)
     log(f"eval_time_total: {eval_seconds:.1f}s limit:600s (on 8xH100; world_size:{rt.world_size})")
     log(f"final_score metric:{final} val_bpb:{results['final_bpb']:.8f} legal:{int(legal)}"
         + ("" if legal else " reasons: " + "; ".join(reasons)))
     return results
+
+
+def eval_modes(h: Hyperparameters) -> list[tuple[bool, bool, bool]]:
+    """(ttt, etlb, ngram) passes after the plain sliding window: the enabled adaptations together
+    (the final score), preceded with EVAL_ABLATIONS=1 by every smaller non-empty subset of them."""
+    on = (h.ttt_enabled, h.etlb_enabled, h.ngram_tilt)
+    full = [on] if any(on) else []
+    if not h.eval_ablations:
+        return full
+    subsets = [m for m in itertools.product((False, True), repeat=3)
+               if any(m) and m != on and all(a <= b for a, b in zip(m, on))]
+    return sorted(subsets, key=lambda m: (m[0], sum(m), m)) + full
 
 
 def log_run_header(h: Hyperparameters, rt: Runtime) -> None:

@@ -346,7 +346,8 @@ def test_run_reports_code_plus_model_bytes(tiny_artifact, tmp_path, rt_cpu):
     ck = tmp_path / "ck.pt"
     torch.save({"model": model.state_dict(), "hessians": {}, "recurrence_active": False}, ck)
     h = dataclasses.replace(h, load_checkpoint=str(ck), artifact_path=str(tmp_path / "m.ptz"), ttt_enabled=False,
-                            etlb_enabled=False, sliding_window_enabled=False, save_checkpoint=False)
+                            etlb_enabled=False, ngram_tilt=False, sliding_window_enabled=False,
+                            save_checkpoint=False)
     tg.configure_logging(None, False)
     res = tg.run(h, rt_cpu)
     code = tg.pack_code((REPO / "train_gpt.py").read_text(encoding="utf-8"))

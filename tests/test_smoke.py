@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train_gpt.py")
 # Line prefixes (the log also holds the hyperparameters and the source, so match whole line starts).
 FINAL_LINES = ["pre-quantization post-ema val_loss:", "final_int6_roundtrip val_loss:",
-               "final_int6_sliding_window val_loss:", "final_int6_ttt_etlb val_loss:", "Total submission size",
+               "final_int6_sliding_window val_loss:", "final_int6_ttt_etlb_ngram val_loss:", "Total submission size",
                "final_score metric:", "eval_time_total:", "stage:gptq seconds:"]
 
 
@@ -96,10 +96,13 @@ def test_tiny_main_run_prints_every_final_line(base_run):
         assert base_run.has(key), key
     assert (base_run.cwd / "logs" / "test.txt").is_file()
     assert base_run.line("final_int6_roundtrip").endswith("legal:1")
-    assert base_run.line("final_int6_ttt_etlb").endswith("legal:1")
-    assert re.search(r"final_score metric:final_int6_ttt_etlb val_bpb:[0-9.]+ legal:1$", base_run.line("final_score"))
+    assert base_run.line("final_int6_ttt_etlb_ngram").endswith("legal:1")
+    assert re.search(r"final_score metric:final_int6_ttt_etlb_ngram val_bpb:[0-9.]+ legal:1$",
+                     base_run.line("final_score"))
     # ablation-only and pre-quant-TTT lines are absent by default
-    assert not base_run.has("final_int6_sliding_window_etlb") and not base_run.has("final_int6_ttt val_loss")
+    for label in ("final_int6_sliding_window_etlb", "final_int6_sliding_window_ngram", "final_int6_ttt val_loss",
+                  "final_int6_ttt_etlb val_loss", "final_int6_ttt_ngram"):
+        assert not base_run.has(label), label
     assert not base_run.has("pre_quant_ttt") and not base_run.has("ARTIFACT OVER LIMIT")
     assert not any("legal:0" in ln for ln in base_run.log.splitlines() if ln.startswith(("final", "pre")))
     assert base_run.number("6/6 train_loss", "train_loss:") < base_run.number("1/6 train_loss", "train_loss:")
@@ -125,7 +128,7 @@ def test_scores_are_sane(base_run):
     final = base_run.number("final_score", "val_bpb:")
     assert 0 < pre < 20 and abs(rt - pre) < 0.1 * pre  # int6 roundtrip stays close to the float model
     assert abs(sw - rt) < 0.1 * rt
-    assert final == base_run.number("final_int6_ttt_etlb", "val_bpb:")
+    assert final == base_run.number("final_int6_ttt_etlb_ngram", "val_bpb:")
 
 
 def test_eval_ablations_add_lines(dataset, workdir, base_run):
@@ -134,17 +137,17 @@ def test_eval_ablations_add_lines(dataset, workdir, base_run):
                        TTT_EPOCHS="1", EVAL_STRIDE="64")
     run = main_run(workdir / "abl", env)
     run.check_ok()
-    for key in ("final_int6_sliding_window_etlb val_loss:", "final_int6_ttt val_loss:", "final_int6_ttt_etlb val_loss:",
-                "final_int6_roundtrip val_loss:", "final_int6_sliding_window val_loss:"):
-        assert run.has(key), key
+    for mode in ("roundtrip", "sliding_window", "sliding_window_ngram", "sliding_window_etlb",
+                 "sliding_window_etlb_ngram", "ttt", "ttt_ngram", "ttt_etlb", "ttt_etlb_ngram"):
+        assert run.has(f"final_int6_{mode} val_loss:"), mode
     # the artifact evaluated is the base run's: the same roundtrip score
     assert run.number("final_int6_roundtrip", "val_bpb:") == base_run.number("final_int6_roundtrip", "val_bpb:")
-    assert run.has("final_score metric:final_int6_ttt_etlb") and run.line("final_score").endswith("legal:1")
+    assert run.has("final_score metric:final_int6_ttt_etlb_ngram val_bpb:") and run.line("final_score").endswith("legal:1")
 
 
 def test_pre_quant_ttt_is_labelled_not_legal(dataset, workdir, base_run):
     env = tiny_env_for(dataset, workdir / "pq", PRE_QUANT_TTT="1", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"),
-                       TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+                       TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0", SLIDING_WINDOW_ENABLED="0")
     run = main_run(workdir / "pq", env)
     run.check_ok()
     assert run.has("pre_quant_ttt_scorefirst val_loss:")
@@ -161,7 +164,8 @@ def test_size_fit_prune(dataset, workdir, base_run):
     natural = int(base_run.number("Total submission size", "brotli:"))
     limit = natural - 2000
     env = tiny_env_for(dataset, workdir / "prune", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"), SIZE_FIT="prune",
-                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
+                       SLIDING_WINDOW_ENABLED="0")
     run = main_run(workdir / "prune", env)
     run.check_ok()
     first = run.line("size_fit: over by")
@@ -182,7 +186,8 @@ def test_size_fit_auto_requantizes_at_larger_sigmas(dataset, workdir, base_run):
     natural = int(base_run.number("Total submission size", "brotli:"))
     limit = natural - natural // 20  # 5% under: too much to prune cheaply, so SDClip re-quantizes
     env = tiny_env_for(dataset, workdir / "auto", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"),
-                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
+                       SLIDING_WINDOW_ENABLED="0")
     run = main_run(workdir / "auto", env)
     run.check_ok()
     assert run.has("size_fit: over by") and "re-quantizing at GPTQ_SIGMAS=" in run.line("size_fit: over by")
@@ -198,7 +203,8 @@ def test_size_fit_auto_requantizes_at_larger_sigmas(dataset, workdir, base_run):
 
 def test_size_fit_fail(dataset, workdir, base_run):
     env = tiny_env_for(dataset, workdir / "fail", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"), SIZE_FIT="fail",
-                       ARTIFACT_LIMIT_BYTES="1000", TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+                       ARTIFACT_LIMIT_BYTES="1000", TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
+                       SLIDING_WINDOW_ENABLED="0")
     run = main_run(workdir / "fail", env)
     assert "Traceback" not in run.proc.stderr
     assert run.proc.returncode == 1  # SIZE_FIT=fail stops the run with an error
@@ -209,7 +215,8 @@ def test_size_fit_fail(dataset, workdir, base_run):
 
 
 def test_two_process_gloo_agrees_with_one_process(dataset, workdir, base_run):
-    env = tiny_env_for(dataset, workdir / "ddp", TTT_ENABLED="0", ETLB_ENABLED="0", SLIDING_WINDOW_ENABLED="0")
+    env = tiny_env_for(dataset, workdir / "ddp", TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
+                       SLIDING_WINDOW_ENABLED="0")
     run = main_run(workdir / "ddp", env, nproc=2)
     run.check_ok()
     assert run.has("world_size: 2 grad_accum_steps: 4")
@@ -236,12 +243,13 @@ def test_two_process_ttt_shared_and_per_rank_chains(dataset, workdir, base_run):
                            TTT_BATCH_SEQS="4", SLIDING_WINDOW_ENABLED="0")
         run = main_run(workdir / f"ttt_{chains}", env, nproc=2)
         run.check_ok()
-        assert re.search(r"final_score metric:final_int6_ttt_etlb val_bpb:[0-9.]+ legal:1$", run.line("final_score"))
-        scores[chains] = run.number("final_int6_ttt_etlb", "val_bpb:")
-        slowest = run.number("ttt_etlb: loop_seconds", "slowest:")  # max over both ranks
-        fastest = run.number("ttt_etlb: loop_seconds", "fastest:")
+        assert re.search(r"final_score metric:final_int6_ttt_etlb_ngram val_bpb:[0-9.]+ legal:1$",
+                         run.line("final_score"))
+        scores[chains] = run.number("final_int6_ttt_etlb_ngram", "val_bpb:")
+        slowest = run.number("ttt_etlb_ngram: loop_seconds", "slowest:")  # max over both ranks
+        fastest = run.number("ttt_etlb_ngram: loop_seconds", "fastest:")
         assert slowest >= fastest >= 0
-        per_rank = [float(x) for x in run.line("ttt_etlb: loop_seconds").split("per_rank:")[1].split(",")]
+        per_rank = [float(x) for x in run.line("ttt_etlb_ngram: loop_seconds").split("per_rank:")[1].split(",")]
         assert len(per_rank) == 2 and (min(per_rank), max(per_rank)) == (fastest, slowest)
-        assert per_rank[0] == run.number("ttt_etlb: loop_seconds", "rank0:")
+        assert per_rank[0] == run.number("ttt_etlb_ngram: loop_seconds", "rank0:")
     assert scores["shared"] != scores["rank"]  # different adaptation, both complete

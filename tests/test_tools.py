@@ -148,7 +148,7 @@ def tiny_runs(env, workdir) -> tuple[list[Path], subprocess.CompletedProcess]:
 def prequant_log(env, workdir) -> Path:
     """PRE_QUANT_TTT=1 (not leaderboard-legal), TTT off so the final metric is sliding+ETLB."""
     res = runner(["--python", "--seeds", "44", "--prefix", "pq", "--workdir", str(workdir),
-                  "ITERATIONS=4", "WARMUP_STEPS=0", "PRE_QUANT_TTT=1", "TTT_ENABLED=0"], env)
+                  "ITERATIONS=4", "WARMUP_STEPS=0", "PRE_QUANT_TTT=1", "TTT_ENABLED=0", "NGRAM_TILT=0"], env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     return workdir / "logs" / "pq_seed44.txt"
 
@@ -174,7 +174,7 @@ def test_runner_ran_every_seed(tiny_runs):
     for seed, log in zip(SEEDS, logs):
         assert log.is_file()
         assert hparam(log, "seed") == str(seed) and hparam(log, "run_id") == f"tiny_seed{seed}"
-        assert re.search(rf"^run_seeds: seed {seed} done in \d+s: final_int6_ttt_etlb val_bpb:\S+ legal:yes",
+        assert re.search(rf"^run_seeds: seed {seed} done in \d+s: final_int6_ttt_etlb_ngram val_bpb:\S+ legal:yes",
                          res.stdout, re.M)
         # every run got the same settings: the VAR=VALUE arguments and the environment
         assert hparam(log, "iterations") == "4" and hparam(log, "ttt_epochs") == "1"
@@ -261,10 +261,10 @@ def test_table_values_are_what_the_logs_printed(summary):
     for seed, log in zip(SEEDS, logs):
         s, b = scores[str(seed)], budget[str(seed)]
         final = grab(log, "final_score metric:")
-        assert s["status"] == "ok" and s["final metric"] == field_of(final, "metric") == "final_int6_ttt_etlb"
+        assert s["status"] == "ok" and s["final metric"] == field_of(final, "metric") == "final_int6_ttt_etlb_ngram"
         assert s["final val_bpb"] == field_of(final, "val_bpb")
-        assert s["final val_loss"] == field_of(grab(log, "final_int6_ttt_etlb val_loss:"), "val_loss")
-        for label, col in (("final_int6_ttt_etlb", "TTT+ETLB"), ("final_int6_sliding_window", "sliding"),
+        assert s["final val_loss"] == field_of(grab(log, "final_int6_ttt_etlb_ngram val_loss:"), "val_loss")
+        for label, col in (("final_int6_ttt_etlb_ngram", "TTT+ETLB+ngram"), ("final_int6_sliding_window", "sliding"),
                            ("final_int6_roundtrip", "roundtrip"), ("pre-quantization post-ema", "pre-quant (EMA)")):
             assert s[col] == field_of(grab(log, label + " val_loss:"), "val_bpb"), col
         assert "score-first TTT" not in s and "sliding+ETLB" not in s  # not run without EVAL_ABLATIONS
@@ -308,13 +308,13 @@ def test_submission_json(summary):
     md, sub, logs = summary
     assert (sub["author"], sub["github_id"], sub["name"], sub["blurb"], sub["date"]) == \
         ("tester", "tester-gh", "Tiny", "tiny CPU runs", "2026-01-02")
-    assert sub["track"] == "10min_16mb" and sub["val_bpb_metric"] == "final_int6_ttt_etlb"
+    assert sub["track"] == "10min_16mb" and sub["val_bpb_metric"] == "final_int6_ttt_etlb_ngram"
     assert sub["seeds"] == list(SEEDS)
     totals = {}
     for seed, log in zip(SEEDS, logs):
         r = sub["seed_results"][str(seed)]
         assert r["val_bpb"] == float(field_of(grab(log, "final_score metric:"), "val_bpb"))
-        assert r["val_loss"] == float(field_of(grab(log, "final_int6_ttt_etlb val_loss:"), "val_loss"))
+        assert r["val_loss"] == float(field_of(grab(log, "final_int6_ttt_etlb_ngram val_loss:"), "val_loss"))
         totals[seed] = int(grab(log, "Total submission size").split()[-2])
         assert r["bytes_total"] == totals[seed]
         assert r["train_time_s"] == float(field_of(grab(log, "train_budget:"), "total").rstrip("s"))
