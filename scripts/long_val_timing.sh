@@ -35,5 +35,5 @@ print(f"long validation shard: {n} tokens of {tokens.size} -> {dst}")
 PY
 NPROC=${NPROC:-1} bash "$here/bench.sh" "longval_np${NPROC:-1}" "${SEED:-1337}" LOAD_ARTIFACT="$art" DATA_DIR="$out/" "$@"
 rc=$?
-grep -hE '^(val_tokens|stage:|final_|eval_time_total|ttt_etlb: loop)' "${BENCH_RUNS:-/tmp/runs}/longval_np${NPROC:-1}/console.txt"
+grep -hE '^(val_tokens|stage:|final_|eval_time_total|ngram:|ttt[a-z_]*: loop)' "${BENCH_RUNS:-/tmp/runs}/longval_np${NPROC:-1}/console.txt"
 exit $rc
