@@ -1844,8 +1844,6 @@ class NgramTilt:
         """nll of targets `idx` under the tilt. nll and logq_hint come from the same distribution q."""
         g = self.hint[idx]
         has = g >= 0
-        if not bool(has.any()):
-            return nll
         q = logq_hint[has].double().exp().clamp(1e-12, 1.0 - 1e-12)
         c = self.cell[idx][has] * self.bins + (q * self.bins).long().clamp(max=self.bins - 1)
         n, hits, qsum = self.stats[:, c]
@@ -1903,8 +1901,10 @@ def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: T
         if record is not None:
             record.extend((w, w + s, w + e) for (w, s), e in zip(batch, ends))
         tidx = ws[:, None] + pos[lo:]  # window position j predicts target index start + j
-        hint = tilt.hint[tidx.clamp(max=total - 1)] if tilt is not None else None
-        logq = torch.zeros(B, L - lo, device=tokens.device)  # log q(hint), for the tilt
+        hint = logq = None  # the tilt's hint per position and its log-probability under the model
+        if tilt is not None:
+            hint = tilt.hint[tidx.clamp(max=total - 1)]
+            logq = torch.zeros(B, L - lo, device=tokens.device)
         if etlb is None and tilt is None:
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, lo:].reshape(-1),
                                   reduction="none").reshape(B, -1)
