@@ -1839,11 +1839,13 @@ class NgramTilt:
         self.bins, self.prior, self.max_beta = h.ngram_bins, h.ngram_prior, h.ngram_max_beta
         n_cells = 2 * len(h.ngram_order_list) * self.bins
         self.stats = torch.zeros(3, n_cells, dtype=torch.float64, device=rt.device)  # count, hits, sum q
+        self.scored = 0  # targets this chain has scored, hinted or not
 
     def adjust(self, nll: Tensor, logq_hint: Tensor, idx: Tensor, tgt: Tensor) -> Tensor:
         """nll of targets `idx` under the tilt. nll and logq_hint come from the same distribution q."""
         g = self.hint[idx]
         has = g >= 0
+        self.scored += idx.numel()
         q = logq_hint[has].double().exp().clamp(1e-12, 1.0 - 1e-12)
         c = self.cell[idx][has] * self.bins + (q * self.bins).long().clamp(max=self.bins - 1)
         n, hits, qsum = self.stats[:, c]
@@ -1860,7 +1862,7 @@ class NgramTilt:
 
     def summary(self) -> str:
         n, hits, _ = self.stats.sum(dim=1).tolist()
-        return f"ngram: hinted:{int(n)} hit_rate:{hits / max(n, 1):.4f} hinted_frac:{n / max(self.hint.numel(), 1):.4f}"
+        return f"ngram: hinted:{int(n)} hit_rate:{hits / max(n, 1):.4f} hinted_frac:{n / max(self.scored, 1):.4f}"
 
 
 def _nll_and_hint_logq(z: Tensor, tgt: Tensor, hint: Tensor) -> tuple[Tensor, Tensor]:

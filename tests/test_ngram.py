@@ -194,7 +194,8 @@ def test_boost_learns_a_reliable_hint():
     assert last.mean().item() < 0.2 * uniform
     n, hits, _ = tilt.stats.sum(dim=1).tolist()
     assert n > 1900 and hits / n > 0.95
-    assert tilt.summary().startswith(f"ngram: hinted:{int(n)} hit_rate:")
+    assert tilt.scored == toks.numel() - 1
+    assert tilt.summary() == f"ngram: hinted:{int(n)} hit_rate:{hits / n:.4f} hinted_frac:{n / tilt.scored:.4f}"
 
 
 # ============================================================================ config and modes
