@@ -525,6 +525,19 @@ def test_bench_logs():
     assert pq.train_text is None and any("did not train" in p for p in pq.problems)
 
 
+@pytest.mark.skipif(not (BENCH / "ngram_seed1337_ablations_h100.txt").exists(), reason="no bench logs")
+def test_bench_log_with_every_ablation():
+    # session 6, EVAL_ABLATIONS=1 with TTT, ETLB and the n-gram tilt: six ablation passes, then the final
+    r = sl.parse_log(BENCH / "ngram_seed1337_ablations_h100.txt")
+    assert (r.status, r.final_metric, r.final_bpb_text, r.eval_text) == \
+        ("ok", "final_int6_ttt_etlb_ngram", "1.54971171", "208.7")
+    assert sorted(r.ablation_labels) == sorted(
+        f"final_int6_{m}" for m in ("sliding_window_ngram", "sliding_window_etlb", "sliding_window_etlb_ngram",
+                                    "ttt", "ttt_ngram", "ttt_etlb"))
+    assert r.eval_without_ablations_s == pytest.approx(208.7 - (9.524 + 13.981 + 13.527 + 68.597 + 22.186 + 25.604))
+    assert r.legality() == ("yes", [])
+
+
 @pytest.mark.skipif(not (BENCH / "RESULTS.md").exists(), reason="logs/bench/RESULTS.md not generated")
 def test_results_md_is_current(capsys, monkeypatch):
     """logs/bench/RESULTS.md is what its own first-line command prints today."""
