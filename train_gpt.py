@@ -272,7 +272,7 @@ class Hyperparameters:
             bad("EMA_DECAY", "must be in [0, 1)")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             bad("WARMDOWN_FRAC", "must be in [0, 1]")
-        orders = parse_int_list(self.ngram_orders, "NGRAM_ORDERS")
+        orders = self.ngram_order_list
         if not orders or not 1 <= min(orders) <= max(orders) <= 256:
             bad("NGRAM_ORDERS", "must list n-gram lengths in [1, 256], e.g. 1,2,3,4")
         if not 1 <= self.ngram_bins <= 1024:
@@ -1855,9 +1855,7 @@ class NgramTilt:
         hit = (g[has] == tgt[has]).double()
         out = nll.double().clone()
         out[has] += torch.log1p(q * torch.expm1(beta)) - beta * hit
-        self.stats.index_put_((torch.zeros_like(c), c), torch.ones_like(q), accumulate=True)  # after scoring
-        self.stats.index_put_((torch.ones_like(c), c), hit, accumulate=True)
-        self.stats.index_put_((torch.full_like(c, 2), c), q, accumulate=True)
+        self.stats.index_add_(1, c, torch.stack([torch.ones_like(q), hit, q]))  # after scoring
         return out.to(nll.dtype)
 
     def summary(self) -> str:
@@ -1903,10 +1901,8 @@ def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: T
         if record is not None:
             record.extend((w, w + s, w + e) for (w, s), e in zip(batch, ends))
         tidx = ws[:, None] + pos[lo:]  # window position j predicts target index start + j
-        hint = logq = None  # the tilt's hint per position and its log-probability under the model
-        if tilt is not None:
-            hint = tilt.hint[tidx.clamp(max=total - 1)]
-            logq = torch.zeros(B, L - lo, device=tokens.device)
+        hint = tilt.hint[tidx.clamp(max=total - 1)] if tilt is not None else None
+        logq = None  # the tilt's log-probability of each position's hint under the model
         if etlb is None and tilt is None:
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, lo:].reshape(-1),
                                   reduction="none").reshape(B, -1)
@@ -1914,6 +1910,7 @@ def score_windows(h: Hyperparameters, rt: Runtime, hidden_fn, head_fn, tokens: T
             nll, logq = _nll_and_hint_logq(logits, y[:, lo:], hint)
         else:
             nll = torch.zeros(B, L, device=tokens.device)
+            logq = torch.zeros(B, L, device=tokens.device) if tilt is not None else None
             for i, ((w, s), e) in enumerate(zip(batch, ends)):
                 if s > 0:
                     etlb.fit(logits[i, :s], y[i, :s])
