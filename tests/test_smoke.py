@@ -63,7 +63,10 @@ class Run:
         return float(m.group(1))
 
     def check_ok(self) -> None:
-        assert self.proc.returncode == 0, (self.proc.stdout[-3000:], self.proc.stderr[-3000:])
+        # on failure show where the run's log stopped and both ends of stderr: torchrun's failure
+        # summary fills the end, the failing rank's own message comes before it
+        assert self.proc.returncode == 0, "\n".join(["log tail:", self.log[-2000:], "stderr head:",
+                                                      self.proc.stderr[:3000], "stderr tail:", self.proc.stderr[-1500:]])
         assert "Traceback" not in self.proc.stderr
 
 
