@@ -33,10 +33,10 @@ TINY = dataclasses.replace(
     tg.Hyperparameters(),
     num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, ve_dim=16, ve_layers="2,3",
     xsa_last_n=4, recur_layers="1,2", recur_start_step=3, train_seq_len=128, eval_seq_len=128, eval_stride=32,
-    train_batch_tokens=8192, val_batch_tokens=8192, iterations=6, warmup_steps=2, train_log_every=1,
+    train_batch_tokens=8192, iterations=6, warmup_steps=2, train_log_every=1,
     val_loss_every=0, max_wallclock_seconds=0.0, gptq_calibration_batches=4, quant_min_numel=1024,
     ttt_chunk=2048, pre_quant_ttt_chunk=2048, pre_quant_ttt_freeze=2, eval_batch_seqs=8,
-    muon_momentum_warmup_steps=3, ema_decay=0.5, compile=False, save_checkpoint=False,
+    muon_momentum_warmup_steps=3, ema_decay=0.5, compile=False, checkpoint_path="",
 )
 
 
@@ -105,8 +105,7 @@ def dataset(tmp_path_factory) -> tuple[Path, int]:
 def tiny_h(dataset, tmp_path) -> tg.Hyperparameters:
     data_dir, vocab = dataset
     return dataclasses.replace(TINY, data_dir=str(data_dir) + "/", vocab_size=vocab, run_id="test",
-                               artifact_path=str(tmp_path / "model.ptz"),
-                               checkpoint_path=str(tmp_path / "model.pt"))
+                               artifact_path=str(tmp_path / "model.ptz"))
 
 
 @pytest.fixture

@@ -372,25 +372,6 @@ def test_ttt_minibatches_stay_score_first(setup, mode):
     assert not torch.equal(run_mode(setup, mode, setup.tokens, h=h), one_step)
 
 
-def test_ttt_muon_optimizer_stays_score_first(setup):
-    # TTT_OPTIMIZER=muon: block matrices take orthogonalized updates, the rest SGD; still score-first
-    # and causal, on one chain and on two rank chains (whose Muon must not call collectives).
-    h = dataclasses.replace(setup.h, ttt_optimizer="muon", ttt_muon_lr=0.01, ttt_batch_seqs=1)
-    h.validate()
-    trace, events = run_with_events(setup, "ttt", setup.tokens, h=h)
-    n_chunks = math.ceil(N_TARGETS / CHUNK)
-    assert train_after_score_violations(trace, n_chunks) == [] and event_violations(events) == []
-    v = causality_violations(mode_runner(setup, "ttt", h=h), setup.tokens, LEAK_POSITIONS, setup.h.vocab_size)
-    assert v == []
-    sgd = run_mode(setup, "ttt", setup.tokens, h=dataclasses.replace(h, ttt_optimizer="sgd"))
-    muon = run_mode(setup, "ttt", setup.tokens, h=h)
-    assert torch.equal(muon[:CHUNK], sgd[:CHUNK]) and not torch.equal(muon[CHUNK:], sgd[CHUNK:])
-    ranks = dataclasses.replace(h, ttt_chains="rank")
-    v = causality_violations(lambda t: run_rank_chains(setup, "ttt", t, ranks), setup.tokens, LEAK_POSITIONS,
-                             setup.h.vocab_size)
-    assert v == []
-
-
 def run_rank_chains(s: Setup, mode: str, tokens: torch.Tensor, h: tg.Hyperparameters, world: int = 2,
                     traces: list | None = None) -> torch.Tensor:
     """TTT_CHAINS=rank on `world` ranks, run rank by rank in one process (the chains never talk
@@ -425,7 +406,6 @@ def test_per_rank_chains_cover_every_target_once_and_restart(setup, mode):
         mine = list(range(n_chunks))[n_chunks * r // 2:n_chunks * (r + 1) // 2]
         assert {c for k, c in trace if k == "score"} == set(mine)
         assert {c for k, c in trace if k == "train" and trace[k, c]} == set(mine[:-1])  # not its last chunk
-        assert not any(k == "warmup" for k, _ in trace)  # TTT_CHAIN_WARMUP=0
         assert train_after_score_violations(trace, n_chunks) == []
     ref = run_mode(s, without_ttt(mode), s.tokens)
     first1 = n_chunks // 2 * CHUNK  # rank 1's first chunk
@@ -434,50 +414,7 @@ def test_per_rank_chains_cover_every_target_once_and_restart(setup, mode):
     assert not torch.allclose(nll[CHUNK:first1], ref[CHUNK:first1], rtol=0, atol=1e-3)  # rank 0 adapted
 
 
-@pytest.mark.parametrize("warmup", [0, 1])
-def test_per_rank_chain_warmup_is_causal(setup, warmup):
-    # TTT_CHAIN_WARMUP=1: rank 1 (chunks 2-4) first trains on chunk 1, which rank 0 scores. Every
-    # token it trains on precedes every target it scores; changing a token still moves no earlier
-    # target's loss (across both chains); and the warm-up is real: a token in chunk 1 now moves
-    # the loss of rank 1's first chunk, which it cannot do without the warm-up.
-    s = setup
-    h = dataclasses.replace(s.h, ttt_chains="rank", ttt_batch_seqs=1, ttt_chain_warmup=warmup)
-    h.validate()
-    n_chunks = math.ceil(N_TARGETS / CHUNK)
-    traces = []
-    base = run_rank_chains(s, "ttt_etlb", s.tokens, h, traces=traces)
-    first1 = n_chunks // 2 * CHUNK
-    p_warm = first1 - CHUNK // 2  # a token inside the warm-up chunk, outside rank 1's window contexts
-    assert first1 - CHUNK <= p_warm < first1 - (h.eval_seq_len - h.eval_stride)  # before its first window
-    positions = (p_warm, first1 + 70)
-    changed = {p: run_rank_chains(s, "ttt_etlb", perturbed(s.tokens, p, h.vocab_size), h) for p in positions}
-    assert causality_violations(None, s.tokens, positions, h.vocab_size, runs=(base, changed)) == []
-    warm = {c: v for (k, c), v in traces[1].items() if k == "warmup"}
-    assert sorted(warm) == ([first1 // CHUNK - 1] if warmup else [])
-    assert not any(k == "warmup" for k, _ in traces[0])  # rank 0 has nothing before it
-    scored1 = min(first for (k, _), v in traces[1].items() if k == "score" for _, first, _ in v)
-    assert scored1 == first1
-    for rows in warm.values():  # reads tokens [st, end): targets st .. end-2, all before rank 1's first
-        assert rows and max(end - 2 for _, _, end in rows) < scored1
-    moved = not torch.equal(changed[p_warm][first1:first1 + CHUNK], base[first1:first1 + CHUNK])
-    assert moved == bool(warmup)
-
-
 # ============================================================================ leaky variants
-
-
-def test_harness_catches_chain_warmup_on_its_own_first_chunk(setup, monkeypatch):
-    # A leaky warm-up that also trains on the chain's own first chunk before scoring it: the
-    # perturbation check sees rank 1's first-chunk losses move with a token inside that chunk.
-    s = setup
-    h = dataclasses.replace(s.h, ttt_chains="rank", ttt_batch_seqs=1, ttt_chain_warmup=1)
-    first1 = math.ceil(N_TARGETS / CHUNK) // 2 * CHUNK
-    positions = (first1 + 70,)
-    runner = lambda toks: run_rank_chains(s, "ttt", toks, h)  # noqa: E731
-    assert causality_violations(runner, s.tokens, positions, h.vocab_size) == []  # control: the real one
-    monkeypatch.setattr(tg, "chain_warmup_chunks", lambda first, n: list(range(max(0, first - n), first + 1)))
-    v = causality_violations(runner, s.tokens, positions, h.vocab_size)
-    assert v and v[0].first_target >= first1  # the leak reaches back into rank 1's own chunk
 
 
 @torch.no_grad()

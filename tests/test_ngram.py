@@ -182,7 +182,7 @@ def test_boost_learns_a_reliable_hint():
     vocab = 30
     block = torch.randint(0, vocab, (50,), generator=torch.Generator().manual_seed(3))
     toks = block.repeat(40)
-    tilt = tilt_for(toks, ngram_max_beta=6.0)
+    tilt = tilt_for(toks)
     uniform = math.log(vocab)
     last = None
     for b0 in range(0, toks.numel() - 1, 100):
@@ -222,7 +222,6 @@ def test_eval_modes_order_and_ablations():
                                             ("NGRAM_ORDERS", "300", "NGRAM_ORDERS"),
                                             ("NGRAM_BINS", "0", "NGRAM_BINS"),
                                             ("NGRAM_PRIOR", "-1", "NGRAM_PRIOR"),
-                                            ("NGRAM_MAX_BETA", "-0.5", "NGRAM_MAX_BETA"),
                                             ("NGRAM_TILT", "2", "NGRAM_TILT")])
 def test_bad_ngram_settings_name_the_variable(name, value, why):
     with pytest.raises(tg.ConfigError, match=why):
@@ -232,4 +231,4 @@ def test_bad_ngram_settings_name_the_variable(name, value, why):
 def test_ngram_defaults():
     h = tg.Hyperparameters.from_env({})
     assert h.ngram_tilt and h.ngram_order_list == [1, 2, 3, 4, 5, 6, 8, 12, 16]
-    assert (h.ngram_prior, h.ngram_bins, h.ngram_max_beta) == (5.0, 16, 6.0)
+    assert (h.ngram_prior, h.ngram_bins, tg.NGRAM_MAX_BETA) == (5.0, 16, 6.0)

@@ -206,20 +206,6 @@ def test_dequantize_rejects_a_different_model(tiny_quant):
         tg.dequantize_state_dict(tensors, meta, other)
 
 
-def test_mixed_precision_keeps_largest_trace_int6(tiny_quant):
-    h, rt, model, sd, hess, _, _ = tiny_quant
-    h2 = dataclasses.replace(h, n_int6_layers=10)
-    tensors, meta = tg.quantize_state_dict(h2, rt, sd, hess)
-    mats = [n for n in meta if meta[n]["type"] in ("int5", "int6")]
-    six = {n for n in mats if meta[n]["type"] == "int6"}
-    five = {n for n in mats if meta[n]["type"] == "int5"}
-    assert len(six) == 10 and len(five) == len(mats) - 10
-    tr = {n: float(hess[n].diagonal().sum()) for n in mats}
-    assert min(tr[n] for n in six) >= max(tr[n] for n in five)
-    for n in five:
-        assert meta[n]["clip_range"] == 15 and int(tensors[n + ".q"].abs().max()) <= 15
-
-
 def test_sigmas_override_coarsens_every_matrix(tiny_quant):
     # the SIZE_FIT=auto path: re-quantizing at larger sigmas gives fewer bits on every matrix
     h, rt, model, sd, hess, tensors, meta = tiny_quant

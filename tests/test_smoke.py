@@ -88,7 +88,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base_run(dataset, workdir) -> Run:
     """One full TINY run (train, GPTQ, artifact, all default evals); it keeps its checkpoint for the variants."""
-    run = main_run(workdir / "base", tiny_env_for(dataset, workdir / "base", SAVE_CHECKPOINT="1"))
+    run = main_run(workdir / "base", tiny_env_for(dataset, workdir / "base"))
     run.check_ok()
     return run
 
@@ -98,8 +98,10 @@ def test_tiny_main_run_prints_every_final_line(base_run):
         assert base_run.has(key, base_run.proc.stdout), key
         assert base_run.has(key), key
     assert (base_run.cwd / "logs" / "test.txt").is_file()
-    assert base_run.line("final_int6_roundtrip").endswith("legal:1")
-    assert base_run.line("final_int6_ttt_etlb_ngram").endswith("legal:1")
+    # score lines end like the records' (eval_time:Nms); legality has its own line and final_score
+    for label in ("final_int6_roundtrip", "final_int6_sliding_window ", "final_int6_ttt_etlb_ngram"):
+        assert re.search(r" val_loss:[0-9.]+ val_bpb:[0-9.]+ eval_time:\d+ms$", base_run.line(label)), label
+    assert base_run.line("legality:") == "legality: legal:1"
     assert re.search(r"final_score metric:final_int6_ttt_etlb_ngram val_bpb:[0-9.]+ legal:1$",
                      base_run.line("final_score"))
     # ablation-only and pre-quant-TTT lines are absent by default
@@ -107,7 +109,8 @@ def test_tiny_main_run_prints_every_final_line(base_run):
                   "final_int6_ttt_etlb val_loss", "final_int6_ttt_ngram"):
         assert not base_run.has(label), label
     assert not base_run.has("pre_quant_ttt") and not base_run.has("ARTIFACT OVER LIMIT")
-    assert not any("legal:0" in ln for ln in base_run.log.splitlines() if ln.startswith(("final", "pre")))
+    assert not any("legal:0" in ln for ln in base_run.log.splitlines() if ln.startswith(("final", "legality")))
+    assert not base_run.has("warning:")  # TINY quantizes every matrix and its EMA horizon fits the run
     assert base_run.number("6/6 train_loss", "train_loss:") < base_run.number("1/6 train_loss", "train_loss:")
     assert base_run.has("recurrence:activated step:3")
     assert base_run.has("GPTQ quantization: 24 layers with full GPTQ, 0 fallback")
@@ -150,12 +153,13 @@ def test_eval_ablations_add_lines(dataset, workdir, base_run):
 
 def test_pre_quant_ttt_is_labelled_not_legal(dataset, workdir, base_run):
     env = tiny_env_for(dataset, workdir / "pq", PRE_QUANT_TTT="1", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"),
-                       TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0", SLIDING_WINDOW_ENABLED="0")
+                       TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0")
     run = main_run(workdir / "pq", env)
     run.check_ok()
     assert run.has("pre_quant_ttt_scorefirst val_loss:")
-    line = run.line("final_int6_roundtrip val_loss:")
-    assert "legal:0" in line and "NOT leaderboard-legal" in line, line
+    line = run.line("legality:")
+    assert line.startswith("legality: legal:0 NOT leaderboard-legal: pre-quant TTT"), line
+    assert run.line("final_int6_roundtrip val_loss:").endswith("ms")  # the score line carries no label
     assert re.search(r"final_score .* legal:0", run.line("final_score"))
     assert "legal:1" not in run.line("final_score")
     # the checkpoint is the base run's EMA model: the same pre-quantization score
@@ -167,8 +171,7 @@ def test_size_fit_prune(dataset, workdir, base_run):
     natural = int(base_run.number("Total submission size", "brotli:"))
     limit = natural - 2000
     env = tiny_env_for(dataset, workdir / "prune", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"), SIZE_FIT="prune",
-                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
-                       SLIDING_WINDOW_ENABLED="0")
+                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0")
     run = main_run(workdir / "prune", env)
     run.check_ok()
     first = run.line("size_fit: over by")
@@ -189,8 +192,7 @@ def test_size_fit_auto_requantizes_at_larger_sigmas(dataset, workdir, base_run):
     natural = int(base_run.number("Total submission size", "brotli:"))
     limit = natural - natural // 20  # 5% under: too much to prune cheaply, so SDClip re-quantizes
     env = tiny_env_for(dataset, workdir / "auto", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"),
-                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
-                       SLIDING_WINDOW_ENABLED="0")
+                       ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0")
     run = main_run(workdir / "auto", env)
     run.check_ok()
     assert run.has("size_fit: over by") and "re-quantizing at GPTQ_SIGMAS=" in run.line("size_fit: over by")
@@ -206,8 +208,7 @@ def test_size_fit_auto_requantizes_at_larger_sigmas(dataset, workdir, base_run):
 
 def test_size_fit_fail(dataset, workdir, base_run):
     env = tiny_env_for(dataset, workdir / "fail", LOAD_CHECKPOINT=str(base_run.cwd / "model.pt"), SIZE_FIT="fail",
-                       ARTIFACT_LIMIT_BYTES="1000", TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
-                       SLIDING_WINDOW_ENABLED="0")
+                       ARTIFACT_LIMIT_BYTES="1000", TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0")
     run = main_run(workdir / "fail", env)
     assert "Traceback" not in run.proc.stderr
     assert run.proc.returncode == 1  # SIZE_FIT=fail stops the run with an error
@@ -218,8 +219,7 @@ def test_size_fit_fail(dataset, workdir, base_run):
 
 
 def test_two_process_gloo_agrees_with_one_process(dataset, workdir, base_run):
-    env = tiny_env_for(dataset, workdir / "ddp", TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0",
-                       SLIDING_WINDOW_ENABLED="0")
+    env = tiny_env_for(dataset, workdir / "ddp", TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0")
     run = main_run(workdir / "ddp", env, nproc=2)
     run.check_ok()
     assert run.has("world_size: 2 grad_accum_steps: 4")
@@ -243,7 +243,7 @@ def test_two_process_ttt_shared_and_per_rank_chains(dataset, workdir, base_run):
     scores = {}
     for chains in ("shared", "rank"):
         env = tiny_env_for(dataset, workdir / f"ttt_{chains}", LOAD_ARTIFACT=art, TTT_CHAINS=chains,
-                           TTT_BATCH_SEQS="4", SLIDING_WINDOW_ENABLED="0")
+                           TTT_BATCH_SEQS="4")
         run = main_run(workdir / f"ttt_{chains}", env, nproc=2)
         run.check_ok()
         assert re.search(r"final_score metric:final_int6_ttt_etlb_ngram val_bpb:[0-9.]+ legal:1$",
