@@ -26,7 +26,7 @@ Each document is written as BOS followed by its tokens; documents are packed in
 input order into shards of --shard-tokens tokens (a document may continue in
 the next shard, as in the official export). Same inputs and options give the
 same bytes. With separate files and a large enough --shard-tokens the shards
-are byte-identical to the bench's prep_shards.py.
+are byte-identical to prep_shards.py in the bench folder.
 """
 
 from __future__ import annotations

@@ -10,6 +10,16 @@ shards into the layout train_gpt.py reads:
     DATA/datasets/fineweb10B_sp1024/fineweb_{val,train}_NNNNNN.bin
     DATA/tokenizers/fineweb_1024_bpe.model
 
+Variants, as in the official script: sp<VOCAB> (SentencePiece BPE; dataset
+fineweb10B_sp<VOCAB>) and byte260 (pure bytes: ids 4..259 after 4 special ids;
+dataset fineweb10B_byte260, tokenizer tokenizers/fineweb_pure_byte_260.json).
+train_gpt.py reads sp<VOCAB> data; byte260 is fetched for other models.
+
+The manifest is fetched on every run (a stale copy from another repo must not
+be used). If that fails for lack of network and DATA/manifest.json exists from
+an earlier run, that copy is used, with a warning; files already present are
+then skipped as usual, and only missing ones need the network.
+
 Resumable: a file already present and complete (valid shard header, size that
 matches it) is skipped; a truncated or corrupt one is fetched again. Files are
 written under a temporary name and renamed when complete.
@@ -17,7 +27,7 @@ written under a temporary name and renamed when complete.
 Where files come from (the "fetch layer"):
   * --hub-dir PATH / $PG_HUB_DIR: a local folder laid out like the hub repo
     (PATH/<root>/manifest.json, PATH/<root>/datasets/..., ...). Offline use, tests.
-  * otherwise huggingface_hub.hf_hub_download (pip install huggingface_hub),
+  * otherwise huggingface_hub.hf_hub_download (pip install -r requirements.txt),
     repo --repo-id / $MATCHED_FINEWEB_REPO_ID (default willdepueoai/parameter-golf),
     root --remote-root / $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default "datasets").
     sp4096 and sp8192 are published in kevclark/parameter-golf.
@@ -37,6 +47,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from shard_io import (
+    BYTE_TOKENIZER_FILE,
+    BYTE_VARIANT,
     DataToolError,
     human_bytes,
     run_cli,
@@ -52,15 +64,36 @@ DEFAULT_TRAIN_SHARDS = 80  # 8B tokens at 100M tokens per shard, as the official
 # Variants published outside the default repo (used for a hint when one is missing).
 OTHER_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
 HF_INSTALL_HINT = (
-    "huggingface_hub is not installed (it is not in requirements.txt). Install it with\n"
-    "    python -m pip install huggingface_hub\n"
+    "huggingface_hub is not installed. Install the project's requirements with\n"
+    "    pip install -r requirements.txt\n"
     "or point --hub-dir PATH (or $PG_HUB_DIR) at a local copy of the dataset repo."
 )
+# huggingface_hub errors that mean "not there" (wrong repo, root or file), not "no network".
+_NOT_FOUND_ERRORS = {"EntryNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError",
+                     "DisabledRepoError", "HFValidationError"}
+_OFFLINE_ERRORS = {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}  # not cached and no network
 
 # A fetcher copies one file, given by its path inside the hub repo (posix
 # string, e.g. "datasets/manifest.json"), to a local destination path. It
-# raises DataToolError when the file cannot be had.
+# raises DataToolError when the file cannot be had (FetchError, with
+# network=True, when the reason is that the hub cannot be reached).
 Fetcher = Callable[[str, Path], None]
+
+
+class FetchError(DataToolError):
+    """A file could not be fetched; ``network`` says whether the hub was unreachable."""
+
+    def __init__(self, message: str, network: bool):
+        super().__init__(message)
+        self.network = network
+
+
+def is_network_failure(exc: BaseException) -> bool:
+    """True unless the error says the repo, revision or file does not exist."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & _OFFLINE_ERRORS:
+        return True
+    return not names & _NOT_FOUND_ERRORS
 
 
 class LocalHubFetcher:
@@ -106,10 +139,11 @@ class HuggingFaceFetcher:
             )
         except Exception as exc:  # network, auth, missing file: all reported the same way
             first_line = (str(exc).strip().splitlines() or [""])[0]
-            raise DataToolError(
+            raise FetchError(
                 f"could not download {remote_path} from Hugging Face dataset repo {self.repo_id} "
                 f"({type(exc).__name__}: {first_line}). Check the network connection, --repo-id and "
-                f"--remote-root, or use --hub-dir PATH with a local copy."
+                f"--remote-root, or use --hub-dir PATH with a local copy.",
+                network=is_network_failure(exc),
             ) from None
         # The hub cache may hand back a snapshot symlink: resolve it to the blob, and
         # hard-link it (as the official script does) so a shard is not stored twice.
@@ -158,17 +192,29 @@ def safe_relative(value: object, what: str) -> str:
     return path.as_posix()
 
 
-def load_manifest(data_dir: Path, fetcher: Fetcher | None, remote_root: str) -> dict:
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_manifest(
+    data_dir: Path, fetcher: Fetcher | None, remote_root: str, warn: Callable[[str], None] = to_stderr
+) -> dict:
     """Fetch manifest.json (always, so a stale copy from another repo is never used)
-    unless fetcher is None, in which case the local copy DATA/manifest.json is read."""
+    unless fetcher is None, in which case the local copy DATA/manifest.json is read.
+    Without network, an existing local copy (from an earlier run) is used with a warning."""
     path = data_dir / "manifest.json"
     if fetcher is not None:
         try:
             fetcher(remote(remote_root, "manifest.json"), path)
         except DataToolError as exc:
-            if path.is_file():
+            if not path.is_file():
+                raise
+            if not getattr(exc, "network", False):
                 raise DataToolError(f"{exc}\n(a local manifest exists at {path}: --skip-manifest uses it)") from None
-            raise
+            warn(
+                f"warning: {exc}\nwarning: the hub cannot be reached; using the local manifest {path} "
+                "from an earlier run (it may be out of date; files already present are skipped as usual)",
+            )
     elif not path.is_file():
         raise DataToolError(f"--skip-manifest: no local manifest at {path}")
     try:
@@ -194,7 +240,7 @@ def plan(manifest: dict, variant: str, train_shards: int, repo_label: str, with_
     """The files to fetch for ``variant``, from the manifest's fields as the official
     script reads them: datasets[].name / stats.files_val / stats.files_train /
     tokenizer_name, and tokenizers[].name / model_path / vocab_path / path."""
-    dataset_name = f"fineweb10B_{variant}"
+    dataset_name = dataset_dir_for_variant(variant)
     datasets = [d for d in manifest["datasets"] if isinstance(d, dict)]
     entry = next((d for d in datasets if d.get("name") == dataset_name), None)
     if entry is None:
@@ -259,10 +305,23 @@ def local_problem(path: Path, item: Item) -> str | None:
     return "empty" if size == 0 else None
 
 
+def dataset_dir_for_variant(variant: str) -> str:
+    """The dataset folder of a variant, as the official script names it."""
+    return f"fineweb10B_{variant}"
+
+
+def expected_tokenizer(variant: str) -> str:
+    """Where the variant's tokenizer lives under DATA (where train_gpt.py looks for sp<VOCAB>)."""
+    if variant == BYTE_VARIANT:
+        return f"tokenizers/{BYTE_TOKENIZER_FILE}"
+    return f"tokenizers/{tokenizer_file_name(int(variant[2:]))}"
+
+
 def check_args(variant: str, train_shards: int) -> None:
-    if not re.fullmatch(r"sp[1-9][0-9]*", variant):
+    if variant != BYTE_VARIANT and not re.fullmatch(r"sp[1-9][0-9]*", variant):
         raise DataToolError(
-            f"--variant {variant!r} is not supported: expected sp<VOCAB>, e.g. sp1024, sp4096 or sp8192"
+            f"--variant {variant!r} is not supported: expected sp<VOCAB> (e.g. sp1024, sp4096, sp8192) "
+            f"or {BYTE_VARIANT}"
         )
     if train_shards < 0:
         raise DataToolError(f"--train-shards must be >= 0, got {train_shards}")
@@ -279,18 +338,22 @@ def download(
     with_docs: bool = False,
     verify: bool = False,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = to_stderr,
 ) -> dict[str, int]:
     """Fetch what ``variant`` needs into ``data_dir``; return counts of fetched/skipped files."""
     check_args(variant, train_shards)
     data_dir = Path(data_dir)
     label = repr(fetcher)
     log(f"source: {label}, root {remote_root or '(repo root)'!r}; destination: {data_dir}")
-    manifest = load_manifest(data_dir, None if skip_manifest else fetcher, remote_root)
+    manifest = load_manifest(data_dir, None if skip_manifest else fetcher, remote_root, warn)
     items = plan(manifest, variant, train_shards, label, with_docs)
 
-    expected_tokenizer = f"tokenizers/{tokenizer_file_name(int(variant[2:]))}"
-    if expected_tokenizer not in {i.relative for i in items}:
-        log(f"note: the manifest's tokenizer is not at {expected_tokenizer}, where train_gpt.py looks for it")
+    tokenizer = expected_tokenizer(variant)
+    if tokenizer not in {i.relative for i in items}:
+        where = "the official layout" if variant == BYTE_VARIANT else "where train_gpt.py looks for it"
+        log(f"note: the manifest's tokenizer is not at {tokenizer}, {where}")
+    if variant == BYTE_VARIANT:
+        log(f"note: {variant} is pure-byte data; train_gpt.py reads sp<VOCAB> data (fineweb10B_sp<VOCAB>)")
 
     counts = {"fetched": 0, "skipped": 0, "bytes_fetched": 0}
     width = len(str(len(items)))
@@ -350,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="sp4096 and sp8192 are published in kevclark/parameter-golf: add --repo-id kevclark/parameter-golf.",
     )
     parser.add_argument("train_shards_positional", nargs="?", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", default="sp1024", help="sp1024 | sp4096 | sp8192 (default sp1024)")
+    parser.add_argument(
+        "--variant", default="sp1024", help="sp<VOCAB> (sp1024, sp4096, sp8192) or byte260 (default sp1024)"
+    )
     parser.add_argument(
         "--train-shards",
         type=int,

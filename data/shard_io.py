@@ -24,9 +24,12 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_BYTES = 2
-# Tokens are stored as uint16. The issue fixes the largest accepted vocabulary
-# at 65,535 pieces (ids 0..65534), which always fits.
+# Tokens are stored as uint16; the largest accepted vocabulary is 65,535 pieces
+# (ids 0..65534), which always fits.
 MAX_VOCAB_SIZE = 65_535
+# The official pure-byte export: 4 special ids (pad 0, bos 1, eos 2, unk 3), then the 256 bytes.
+BYTE_VARIANT = "byte260"
+BYTE_TOKENIZER_FILE = "fineweb_pure_byte_260.json"
 
 
 class DataToolError(Exception):

@@ -1,15 +1,16 @@
 """Check a data folder (downloaded or built) before training on it.
 
-    python data/verify_shards.py                      # ./data, every fineweb10B_sp* dataset
+    python data/verify_shards.py                      # ./data, every fineweb10B_* dataset
     python data/verify_shards.py OUT --variant sp4096 --check-tokens
 
-For each dataset folder DATA/datasets/fineweb10B_sp{V}/ it checks that
+For each dataset folder DATA/datasets/fineweb10B_sp{V}/ (or fineweb10B_byte260/) it checks that
   * validation and training shards are numbered 000000, 000001, ... without gaps,
     and that the validation split is complete (when the manifest gives its count);
   * every shard has the right header (magic 20240520, version 1) and exactly
     1024 + 2 * count bytes;
   * the tokenizer DATA/tokenizers/fineweb_{V}_bpe.model exists, loads, and has at
-    most 65,535 pieces;
+    most 65,535 pieces (byte260: tokenizers/fineweb_pure_byte_260.json, a JSON
+    description of the byte tokenizer, as the official export writes it);
   * sha256 of every file matches DATA/manifest.json where the manifest lists one
     (build_shards.py writes them; the official manifest has none) -- skip with --no-hash;
   * with --check-tokens: every token id is below the vocabulary size, and the
@@ -27,6 +28,8 @@ import sys
 from pathlib import Path
 
 from shard_io import (
+    BYTE_TOKENIZER_FILE,
+    BYTE_VARIANT,
     MAX_VOCAB_SIZE,
     DataToolError,
     read_shard_tokens,
@@ -71,28 +74,17 @@ def verify_dataset(data_dir: Path, dataset_dir: Path, manifest: dict, use_hash: 
     stats = entry.get("stats") or {}
     hashes = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
 
-    # --- tokenizer
-    sp = None
-    tokenizer = data_dir / "tokenizers" / tokenizer_file_name(int(vocab_label)) if vocab_label.isdigit() else None
-    if tokenizer is None or not tokenizer.is_file():
-        bad(f"tokenizers/fineweb_{vocab_label}_bpe.model", "missing (train_gpt.py needs it)")
+    # --- tokenizer: (vocabulary size, BOS id) for the token checks, when known
+    vocab = bos = None
+    if dataset_dir.name == f"fineweb10B_{BYTE_VARIANT}":
+        tokenizer = data_dir / "tokenizers" / BYTE_TOKENIZER_FILE
+        vocab, bos = check_byte_tokenizer(tokenizer, bad, log)
     else:
-        try:
-            import sentencepiece as spm
-
-            sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-        except ImportError:
-            log("  note: sentencepiece not installed; tokenizer not loaded")
-        except (RuntimeError, OSError) as exc:
-            bad(tokenizer.name, f"does not load as a SentencePiece model ({str(exc).strip()})")
-        if sp is not None:
-            n = sp.get_piece_size()
-            if n > MAX_VOCAB_SIZE:
-                bad(tokenizer.name, f"{n:,} pieces, more than uint16 shards can hold")
-            elif vocab_label.isdigit() and n > int(vocab_label):
-                bad(tokenizer.name, f"{n} pieces, more than the dataset name says ({vocab_label})")
-            else:
-                log(f"  ok   {tokenizer.name}: {n} pieces")
+        tokenizer = data_dir / "tokenizers" / tokenizer_file_name(int(vocab_label)) if vocab_label.isdigit() else None
+        if tokenizer is None or not tokenizer.is_file():
+            bad(f"tokenizers/fineweb_{vocab_label}_bpe.model", "missing (train_gpt.py needs it)")
+        else:
+            vocab, bos = check_sentencepiece(tokenizer, vocab_label, bad, log)
 
     # --- shards
     splits = {s: sorted(dataset_dir.glob(f"fineweb_{s}_*.bin")) for s in ("val", "train")}
@@ -116,12 +108,12 @@ def verify_dataset(data_dir: Path, dataset_dir: Path, manifest: dict, use_hash: 
             if problem is None and use_hash and rel in hashes and hashes[rel].get("sha256"):
                 if sha256_file(path) != hashes[rel]["sha256"]:
                     problem = "sha256 differs from the manifest"
-            if problem is None and check_tokens and sp is not None:
+            if problem is None and check_tokens and vocab is not None:
                 toks = read_shard_tokens(path)
-                if toks.size and int(toks.max()) >= sp.get_piece_size():
-                    problem = f"token id {int(toks.max())} >= vocabulary size {sp.get_piece_size()}"
-                elif split == "val" and path == files[0] and toks.size and int(toks[0]) != sp.bos_id():
-                    problem = f"validation does not start with BOS ({sp.bos_id()})"
+                if toks.size and int(toks.max()) >= vocab:
+                    problem = f"token id {int(toks.max())} >= vocabulary size {vocab}"
+                elif split == "val" and path == files[0] and toks.size and bos is not None and int(toks[0]) != bos:
+                    problem = f"validation does not start with BOS ({bos})"
             if problem is not None:
                 bad(rel, problem)
                 continue
@@ -136,6 +128,48 @@ def verify_dataset(data_dir: Path, dataset_dir: Path, manifest: dict, use_hash: 
     return problems
 
 
+def check_sentencepiece(tokenizer: Path, vocab_label: str, bad, log) -> tuple[int | None, int | None]:
+    """Load a SentencePiece model; returns (pieces, BOS id), or (None, None) when it cannot be loaded."""
+    try:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    except ImportError:
+        log("  note: sentencepiece not installed; tokenizer not loaded")
+        return None, None
+    except (RuntimeError, OSError) as exc:
+        bad(tokenizer.name, f"does not load as a SentencePiece model ({str(exc).strip()})")
+        return None, None
+    n = sp.get_piece_size()
+    if n > MAX_VOCAB_SIZE:
+        bad(tokenizer.name, f"{n:,} pieces, more than uint16 shards can hold")
+    elif vocab_label.isdigit() and n > int(vocab_label):
+        bad(tokenizer.name, f"{n} pieces, more than the dataset name says ({vocab_label})")
+    else:
+        log(f"  ok   {tokenizer.name}: {n} pieces")
+    return n, sp.bos_id()
+
+
+def check_byte_tokenizer(path: Path, bad, log) -> tuple[int | None, int | None]:
+    """The byte260 tokenizer file: JSON with vocab_size and config.bos_id; returns (vocab, bos)."""
+    rel = f"tokenizers/{path.name}"
+    if not path.is_file():
+        bad(rel, "missing")
+        return None, None
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        vocab = int(payload["vocab_size"])
+        bos = int((payload.get("config") or {}).get("bos_id", 1))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        bad(rel, f"not a pure-byte tokenizer description ({type(exc).__name__}: {exc})")
+        return None, None
+    if payload.get("tokenizer_type") not in (None, "pure_byte"):
+        bad(rel, f"tokenizer_type {payload.get('tokenizer_type')!r}, expected 'pure_byte'")
+        return None, None
+    log(f"  ok   {path.name}: pure bytes, {vocab} ids")
+    return vocab, bos
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Check challenge shards, tokenizer and manifest hashes in a data folder."
@@ -146,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DATA_DIR") or str(Path(__file__).resolve().parent),
         help="folder holding datasets/ and tokenizers/ (default: $DATA_DIR, else this script's folder)",
     )
-    parser.add_argument("--variant", help="only this dataset, e.g. sp1024 (default: every fineweb10B_sp* folder)")
+    parser.add_argument(
+        "--variant", help="only this dataset, e.g. sp1024 or byte260 (default: every fineweb10B_* folder)"
+    )
     parser.add_argument("--manifest", help="manifest to compare with (default DATA_DIR/manifest.json if present)")
     parser.add_argument("--no-hash", action="store_true", help="skip sha256 comparisons")
     parser.add_argument(
@@ -160,15 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data_dir)
     datasets = data_dir / "datasets"
     if args.variant:
-        if not re.fullmatch(r"sp[1-9][0-9]*", args.variant):
-            raise DataToolError(f"--variant {args.variant!r}: expected sp<VOCAB>, e.g. sp1024")
+        if args.variant != BYTE_VARIANT and not re.fullmatch(r"sp[1-9][0-9]*", args.variant):
+            raise DataToolError(f"--variant {args.variant!r}: expected sp<VOCAB> (e.g. sp1024) or {BYTE_VARIANT}")
         dirs = [datasets / f"fineweb10B_{args.variant}"]
         if not dirs[0].is_dir():
             raise DataToolError(f"{dirs[0]} does not exist")
     else:
-        dirs = sorted(p for p in datasets.glob("fineweb10B_sp*") if p.is_dir())
+        dirs = sorted(p for p in datasets.glob("fineweb10B_*") if p.is_dir()
+                      and re.fullmatch(rf"fineweb10B_(sp[1-9][0-9]*|{BYTE_VARIANT})", p.name))
         if not dirs:
-            raise DataToolError(f"no dataset folders (fineweb10B_sp*) under {datasets}")
+            raise DataToolError(
+                f"no dataset folders (fineweb10B_sp<VOCAB> or fineweb10B_{BYTE_VARIANT}) under {datasets}"
+            )
     manifest_path = Path(args.manifest) if args.manifest else data_dir / "manifest.json"
     if args.manifest and not manifest_path.is_file():
         raise DataToolError(f"--manifest {manifest_path}: no such file")

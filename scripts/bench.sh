@@ -1,12 +1,29 @@
 #!/bin/bash
-# The bench protocol of ../shared/bench/README.md (a 1-GPU proxy of the 8xH100 run):
-#   scripts/bench.sh NAME SEED [VAR=VALUE ...]
-# Needs BENCH_DATA_DIR (set by `source .bench/device_prep.sh`). Everything the run writes
-# (logs/NAME.txt, the artifact, the checkpoint, console.txt) goes to ${BENCH_RUNS:-/tmp/runs}/NAME.
-# NPROC=4 runs the same protocol on 4 GPUs (same global batch: grad accumulation 2).
+# The bench protocol, a 1-GPU proxy of the 8xH100 run (the default configuration, 241 steps):
+#   BENCH_DATA_DIR=DIR scripts/bench.sh NAME SEED [VAR=VALUE ...]
+# BENCH_DATA_DIR is the bench data: a DATA_DIR holding datasets/ and tokenizers/. Everything the
+# run writes (logs/NAME.txt, the artifact, the checkpoint, console.txt) goes to
+# ${BENCH_RUNS:-/tmp/runs}/NAME. NPROC=4 runs the same protocol on 4 GPUs (same global batch:
+# grad accumulation 2). BENCH_CODE: the train_gpt.py to run (default ./train_gpt.py).
 set -u
+usage() {
+  echo "usage: BENCH_DATA_DIR=DIR [NPROC=N] [BENCH_RUNS=DIR] scripts/bench.sh NAME SEED [VAR=VALUE ...]" >&2
+  exit 2
+}
+[ $# -ge 2 ] || usage
 name=$1; seed=$2; shift 2
+[[ $name =~ ^[A-Za-z0-9._-]+$ ]] || { echo "bench.sh: NAME '$name': use letters, digits, '.', '_' or '-'" >&2; usage; }
+[[ $seed =~ ^[0-9]+$ ]] || { echo "bench.sh: SEED '$seed' is not a number" >&2; usage; }
+for kv in "$@"; do
+  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || { echo "bench.sh: '$kv' is not VAR=VALUE" >&2; usage; }
+done
+if [ -z "${BENCH_DATA_DIR:-}" ]; then
+  echo "bench.sh: BENCH_DATA_DIR is not set: point it at the bench data (a folder with datasets/ and tokenizers/)" >&2
+  usage
+fi
+[ -d "$BENCH_DATA_DIR" ] || { echo "bench.sh: BENCH_DATA_DIR=$BENCH_DATA_DIR is not a directory" >&2; exit 2; }
 code=${BENCH_CODE:-$(pwd)/train_gpt.py}
+[ -f "$code" ] || { echo "bench.sh: no train_gpt.py at $code (run from the project root or set BENCH_CODE)" >&2; exit 2; }
 dir=${BENCH_RUNS:-/tmp/runs}/$name
 mkdir -p "$dir" && cd "$dir" || exit 1
 env SEED="$seed" ITERATIONS=241 MAX_WALLCLOCK_SECONDS=0 RECUR_START_STEP=140 MUON_MOMENTUM_WARMUP_STEPS=70 \

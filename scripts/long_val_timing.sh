@@ -1,15 +1,23 @@
 #!/bin/bash
 # Full-size evaluation timing on a stand-in validation set as long as the real one (timing only:
 # the artifact was trained on these tokens, so the scores mean nothing):
-#   [NPROC=4] [LONGVAL_TOKENS=45514753] scripts/long_val_timing.sh ARTIFACT [VAR=V ...]
-# Needs BENCH_DATA_DIR (`source .bench/device_prep.sh` in the same shell). Writes
-# ${LONGVAL_DIR:-/tmp/longval} whose validation shard is the first LONGVAL_TOKENS tokens of the
-# bench's training shard (default: the 45,514,752 targets + 1 of the FineWeb validation set,
-# 1,389 TTT chunks), then runs the default evaluation of ARTIFACT on NPROC GPUs as run
-# longval_np$NPROC; its stage:* and eval_time_total lines are the measurement.
+#   BENCH_DATA_DIR=DIR [NPROC=4] [LONGVAL_TOKENS=45514753] scripts/long_val_timing.sh ARTIFACT [VAR=V ...]
+# BENCH_DATA_DIR is the bench data (datasets/ and tokenizers/). Writes ${LONGVAL_DIR:-/tmp/longval}
+# whose validation shard is the first LONGVAL_TOKENS tokens of the bench's training shard (default:
+# the 45,514,752 targets + 1 of the FineWeb validation set, 1,389 TTT chunks), then runs the default
+# evaluation of ARTIFACT on NPROC GPUs as run longval_np$NPROC (scripts/bench.sh); its stage:* and
+# eval_time_total lines are the measurement.
 set -u
-: "${BENCH_DATA_DIR:?is not set: run 'source .bench/device_prep.sh' in this shell first}"
-[ $# -ge 1 ] && [ -f "$1" ] || { echo "long_val_timing.sh: no artifact file at '${1:-}'" >&2; exit 2; }
+usage() {
+  echo "usage: BENCH_DATA_DIR=DIR [NPROC=N] [LONGVAL_TOKENS=N] scripts/long_val_timing.sh ARTIFACT [VAR=VALUE ...]" >&2
+  exit 2
+}
+[ $# -ge 1 ] || usage
+if [ -z "${BENCH_DATA_DIR:-}" ]; then
+  echo "long_val_timing.sh: BENCH_DATA_DIR is not set: point it at the bench data (datasets/ and tokenizers/)" >&2
+  usage
+fi
+[ -f "$1" ] || { echo "long_val_timing.sh: no artifact file at '$1'" >&2; usage; }
 art=$(readlink -f "$1"); shift
 here=$(cd "$(dirname "$0")" && pwd)
 out=${LONGVAL_DIR:-/tmp/longval}
@@ -35,5 +43,5 @@ print(f"long validation shard: {n} tokens of {tokens.size} -> {dst}")
 PY
 NPROC=${NPROC:-1} bash "$here/bench.sh" "longval_np${NPROC:-1}" "${SEED:-1337}" LOAD_ARTIFACT="$art" DATA_DIR="$out/" "$@"
 rc=$?
-grep -hE '^(val_tokens|stage:|final_|eval_time_total|ngram:|ttt[a-z_]*: loop)' "${BENCH_RUNS:-/tmp/runs}/longval_np${NPROC:-1}/console.txt"
+grep -hE '^(val_tokens|stage:|legality:|final_|eval_time_total|ngram:|ttt[a-z_]*: loop)' "${BENCH_RUNS:-/tmp/runs}/longval_np${NPROC:-1}/console.txt"
 exit $rc

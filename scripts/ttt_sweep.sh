@@ -1,24 +1,38 @@
 #!/bin/bash
-# Eval-only sweep of TTT/ETLB settings on one artifact (bench protocol data):
-#   [GPUS="0 1 2 3"] [SEED=1337] [SWEEP_NAME=sweep] scripts/ttt_sweep.sh ARTIFACT "VAR=V VAR=V" "VAR=V" ...
-# Needs BENCH_DATA_DIR: `source .bench/device_prep.sh` in the same shell first. Each config
-# runs roundtrip + TTT+ETLB only (sliding off) and prints its final line. With GPUS, configs
-# run in waves of one per listed GPU (more than one run per GPU slows the CPU-side stages of
-# all of them: 8 runs on 4 GPUs once took 263 s to deserialize); without it, one at a time.
+# Eval-only sweep of evaluation settings (TTT_LR, TTT_EPOCHS, ETLB_LR, NGRAM_*, ...) on one artifact,
+# with the bench data (scripts/bench.sh):
+#   BENCH_DATA_DIR=DIR [GPUS="0 1 2 3"] [SEED=1337] [SWEEP_NAME=sweep] scripts/ttt_sweep.sh ARTIFACT "VAR=V VAR=V" "VAR=V" ...
+# Each quoted config is one run (LOAD_ARTIFACT=ARTIFACT plus its settings: the default evaluation);
+# its final_score line is printed. With GPUS, configs run in waves of one per listed GPU (more than
+# one run per GPU slows the CPU-side stages of all of them); without it, one at a time.
 # Runs are named ${SWEEP_NAME}1, ${SWEEP_NAME}2, ...: give sweeps that run side by side different names.
 set -u
-: "${BENCH_DATA_DIR:?is not set: run 'source .bench/device_prep.sh' in this shell first}"
-[ $# -ge 1 ] && [ -f "$1" ] || { echo "ttt_sweep.sh: no artifact file at '${1:-}'" >&2; exit 2; }
+usage() {
+  echo "usage: BENCH_DATA_DIR=DIR [GPUS=\"0 1 ...\"] [SEED=N] [SWEEP_NAME=NAME] scripts/ttt_sweep.sh ARTIFACT \"VAR=V ...\" [\"VAR=V ...\" ...]" >&2
+  exit 2
+}
+[ $# -ge 2 ] || usage
+if [ -z "${BENCH_DATA_DIR:-}" ]; then
+  echo "ttt_sweep.sh: BENCH_DATA_DIR is not set: point it at the bench data (datasets/ and tokenizers/)" >&2
+  usage
+fi
+[ -f "$1" ] || { echo "ttt_sweep.sh: no artifact file at '$1'" >&2; usage; }
 art=$(readlink -f "$1"); shift
+for cfg in "$@"; do
+  read -r -a kvs <<< "$cfg"
+  [ ${#kvs[@]} -ge 1 ] || { echo "ttt_sweep.sh: an empty config" >&2; usage; }
+  for kv in "${kvs[@]}"; do
+    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || { echo "ttt_sweep.sh: '$kv' in config '$cfg' is not VAR=VALUE" >&2; usage; }
+  done
+done
 here=$(cd "$(dirname "$0")" && pwd)
 read -r -a gpus <<< "${GPUS:-}"
 width=${#gpus[@]}
 run_one() {  # index, gpu ('' = inherit), config
   local i=$1 g=$2 cfg=$3 n=${SWEEP_NAME:-sweep}$1
   # shellcheck disable=SC2086
-  env ${g:+CUDA_VISIBLE_DEVICES=$g} bash "$here/bench.sh" "$n" "${SEED:-1337}" \
-    LOAD_ARTIFACT="$art" SLIDING_WINDOW_ENABLED=0 $cfg
-  echo "$n [$cfg]${g:+ gpu$g} rc=$?: $(grep -sE '^final_int6_ttt' "${BENCH_RUNS:-/tmp/runs}/$n/console.txt" | cut -c1-90)"
+  env ${g:+CUDA_VISIBLE_DEVICES=$g} bash "$here/bench.sh" "$n" "${SEED:-1337}" LOAD_ARTIFACT="$art" $cfg
+  echo "$n [$cfg]${g:+ gpu$g} rc=$?: $(grep -sE '^final_score ' "${BENCH_RUNS:-/tmp/runs}/$n/console.txt" | cut -c1-120)"
 }
 i=0
 for cfg in "$@"; do

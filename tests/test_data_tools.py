@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
-BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"  # optional, outside the repo
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"  # the bench folder (optional)
 sys.path.insert(0, str(DATA))
 
 import build_shards  # noqa: E402
@@ -235,20 +235,153 @@ def test_missing_huggingface_hub_says_how_to_install(tmp_path):
     missing = fake_hf_module(tmp_path, "raise ImportError('No module named huggingface_hub')\n")
     result = run_script("cached_challenge_fineweb.py", "--data-dir", str(tmp_path / "d"), extra_path=missing)
     assert result.returncode != 0
-    assert "pip install huggingface_hub" in result.stderr and "--hub-dir" in result.stderr
+    assert "pip install -r requirements.txt" in result.stderr and "--hub-dir" in result.stderr
+    assert "huggingface_hub" in (REPO / "requirements.txt").read_text()  # what that command installs
     assert "Traceback" not in result.stderr
 
 
 def test_unknown_variant_is_a_clear_error(hub, tmp_path):
     result = run_script("cached_challenge_fineweb.py", "--variant", "gpt2", "--hub-dir", str(hub))
     assert result.returncode != 0
-    assert "--variant 'gpt2' is not supported" in result.stderr and "Traceback" not in result.stderr
+    assert "--variant 'gpt2' is not supported" in result.stderr and "byte260" in result.stderr
+    assert "Traceback" not in result.stderr
     result = run_script(
         "cached_challenge_fineweb.py", "--variant", "sp8192", "--hub-dir", str(hub), "--data-dir", str(tmp_path / "d")
     )
     assert result.returncode != 0
     assert "sp8192 (fineweb10B_sp8192) is not in the manifest" in result.stderr
     assert "available: sp1024" in result.stderr and "Traceback" not in result.stderr
+
+
+def fake_hub_module(monkeypatch, hf_hub_download) -> None:
+    """Replace huggingface_hub in this process (the tests never reach the network)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+
+
+class LocalEntryNotFoundError(FileNotFoundError):
+    """Named like huggingface_hub's error for "not in the cache and the hub cannot be reached"."""
+
+
+class EntryNotFoundError(Exception):
+    """Named like huggingface_hub's error for "no such file in the repo"."""
+
+
+def raising(exc: Exception):
+    calls = []
+
+    def hf_hub_download(**kwargs):
+        calls.append(kwargs)
+        raise exc
+
+    hf_hub_download.calls = calls
+    return hf_hub_download
+
+
+@pytest.mark.parametrize("exc", [LocalEntryNotFoundError("outgoing traffic has been disabled"),
+                                 ConnectionError("Failed to establish a new connection"),
+                                 TimeoutError("read timed out")])
+def test_offline_rerun_uses_the_local_manifest(hub, tmp_path, monkeypatch, exc):
+    data = tmp_path / "data"
+    fetch(hub, data)  # an earlier, complete download (manifest, 1 val + 2 train shards, tokenizer)
+    download = raising(exc)
+    fake_hub_module(monkeypatch, download)
+    warnings, lines = [], []
+    counts = dl.download("sp1024", 2, data, dl.HuggingFaceFetcher("someone/repo"), "datasets",
+                         log=lines.append, warn=warnings.append)
+    assert counts == {"fetched": 0, "skipped": 5, "bytes_fetched": 0}
+    assert len(download.calls) == 1 and download.calls[0]["filename"] == "manifest.json"
+    assert len(warnings) == 1 and type(exc).__name__ in warnings[0]
+    assert f"using the local manifest {data / 'manifest.json'}" in warnings[0]
+    # a file that is not there yet still needs the network: a clear error naming it
+    with pytest.raises(shard_io.DataToolError, match="could not download .*fineweb_train_000002.bin"):
+        dl.download("sp1024", 3, data, dl.HuggingFaceFetcher("someone/repo"), "datasets",
+                    log=lines.append, warn=warnings.append)
+
+
+def test_offline_rerun_from_the_command_line(hub, tmp_path):
+    data = tmp_path / "data"
+    fetch(hub, data)
+    offline = fake_hf_module(
+        tmp_path,
+        "class LocalEntryNotFoundError(FileNotFoundError):\n    pass\n"
+        "def hf_hub_download(**kwargs):\n"
+        "    raise LocalEntryNotFoundError('Cannot find the requested files in the disk cache and outgoing "
+        "traffic has been disabled.')\n",
+    )
+    result = run_script("cached_challenge_fineweb.py", "--train-shards", "2", "--data-dir", str(data),
+                        extra_path=offline)
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "using the local manifest" in result.stderr
+    assert "done: 0 fetched" in result.stdout and "5 already present" in result.stdout
+
+
+def test_a_missing_repo_file_is_not_taken_for_being_offline(hub, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    fetch(hub, data)
+    fake_hub_module(monkeypatch, raising(EntryNotFoundError("404 Client Error: Entry Not Found")))
+    with pytest.raises(shard_io.DataToolError, match="EntryNotFoundError.*\n.*--skip-manifest uses it"):
+        dl.download("sp1024", 1, data, dl.HuggingFaceFetcher("someone/repo"), "elsewhere", log=lambda _: None,
+                    warn=lambda _: pytest.fail("no fallback for a file the repo does not have"))
+    assert dl.is_network_failure(LocalEntryNotFoundError()) and dl.is_network_failure(ConnectionError())
+    assert not dl.is_network_failure(EntryNotFoundError())
+
+
+def test_offline_without_a_local_manifest_is_an_error(tmp_path, monkeypatch):
+    fake_hub_module(monkeypatch, raising(ConnectionError("no route to host")))
+    with pytest.raises(shard_io.DataToolError, match="could not download datasets/manifest.json"):
+        dl.download("sp1024", 1, tmp_path / "d", dl.HuggingFaceFetcher("someone/repo"), "datasets",
+                    log=lambda _: None, warn=lambda _: None)
+
+
+@pytest.fixture
+def byte_hub(tmp_path: Path) -> Path:
+    """A fake dataset repo with the official byte260 layout: dataset fineweb10B_byte260, tokenizer
+    pure_byte_260 listed by "path" (tokenizers/fineweb_pure_byte_260.json)."""
+    root = tmp_path / "bhub" / "datasets"
+    shard_dir = root / "datasets" / "fineweb10B_byte260"
+    shard_dir.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for split, n in (("val", 1), ("train", 2)):
+        for i in range(n):
+            toks = rng.integers(4, 260, 3000)
+            toks[0] = 1  # BOS
+            shard_io.write_shard(shard_dir / shard_io.shard_name(split, i), toks)
+    (root / "tokenizers").mkdir()
+    tok = {"tokenizer_type": "pure_byte", "vocab_size": 260,
+           "config": {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "byte_offset": 4, "byte_count": 256}}
+    (root / "tokenizers" / "fineweb_pure_byte_260.json").write_text(json.dumps(tok))
+    manifest = {
+        "datasets": [{"name": "fineweb10B_byte260", "tokenizer_name": "pure_byte_260", "tokenizer_kind": "byte",
+                      "stats": {"files_val": 1, "files_train": 2}}],
+        "tokenizers": [{"name": "pure_byte_260", "kind": "byte", "vocab_size": 260, "bos_id": 1, "eos_id": 2,
+                        "path": "tokenizers/fineweb_pure_byte_260.json", "pad_id": 0, "unk_id": 3}],
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path / "bhub"
+
+
+def test_byte260_variant(byte_hub, tmp_path, capsys):
+    data = tmp_path / "data"
+    lines = []
+    counts = dl.download("byte260", 1, data, dl.LocalHubFetcher(byte_hub), "datasets", log=lines.append)
+    assert counts["fetched"] == 3  # val, 1 train shard, the tokenizer description
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file()) == [
+        "datasets/fineweb10B_byte260/fineweb_train_000000.bin", "datasets/fineweb10B_byte260/fineweb_val_000000.bin",
+        "manifest.json", "tokenizers/fineweb_pure_byte_260.json"]
+    assert any("train_gpt.py reads sp<VOCAB> data" in line for line in lines)
+    assert not any("is not at tokenizers/" in line for line in lines)
+    assert verify_shards.main([str(data), "--variant", "byte260", "--check-tokens"]) == 0
+    assert "fineweb_pure_byte_260.json: pure bytes, 260 ids" in capsys.readouterr().out
+    shard = data / "datasets" / "fineweb10B_byte260" / "fineweb_train_000000.bin"
+    toks = shard_io.read_shard_tokens(shard).astype(np.int64)
+    toks[5] = 300
+    shard_io.write_shard(shard, toks)
+    assert verify_shards.main([str(data), "--check-tokens"]) == 1  # every fineweb10B_* folder, byte260 included
+    assert "token id 300 >= vocabulary size 260" in capsys.readouterr().out
+    with pytest.raises(shard_io.DataToolError, match="expected sp<VOCAB> .* or byte260"):
+        dl.check_args("byte256", 1)
 
 
 # ============================================================================ build
@@ -488,7 +621,7 @@ def test_built_output_serves_as_a_hub_and_verifies(built, tmp_path, capsys):
 # ============================================================================ bench (optional)
 
 
-@pytest.mark.skipif(not (BENCH / "prep_shards.py").is_file(), reason="shared bench not present")
+@pytest.mark.skipif(not (BENCH / "prep_shards.py").is_file(), reason="the bench folder is not present")
 def test_byte_identical_to_bench_prep_shards(tmp_path):
     """The bench's own shard script and ours agree byte for byte (real docs, small files)."""
     model = BENCH / "tokenizers" / "fineweb_1024_bpe.model"

@@ -1,5 +1,6 @@
 """tools/run_seeds.py and tools/summarize_logs.py on logs of real tiny CPU runs of train_gpt.py
-(made once per session by the runner itself) and on hand-made logs in tests/fixtures_logs/.
+(made once per test run, by the runner itself) and on hand-made logs in tests/fixtures_logs/
+(both score-line formats: `legal:` on every score line, and the `legality:` line); scripts/*.sh.
 
     python3 -m pytest -q tests/test_tools.py        (~1 min on 2 CPU cores)
 """
@@ -122,7 +123,7 @@ def with_total(text: str, total: int, verdict: str | None = None) -> str:
 
 
 # =============================================================================
-# fixtures: real tiny runs through the runner (once per session)
+# fixtures: real tiny runs through the runner (once per test run)
 # =============================================================================
 
 @pytest.fixture(scope="session")
@@ -206,6 +207,20 @@ def test_runner_rejects_bad_arguments(capsys):
     assert rs.main(["--dry-run", "--seeds", "1,1"]) == 2
     assert rs.main(["--dry-run", "--nproc", "3"]) == 2
     assert rs.main(["--dry-run", "notanassignment"]) == 2
+
+
+def test_runner_refuses_settings_the_script_does_not_have(tmp_path, capsys):
+    script = tmp_path / "train_gpt.py"
+    script.write_text("class Hyperparameters:\n    seed: int = 1\n    run_id: str = ''\n    ttt_lr: float = 0.005\n")
+    base = ["--dry-run", "--script", str(script), "--prefix", "p", "--seeds", "1"]
+    # a removed setting would be ignored by the runs: refused, not passed
+    assert rs.main([*base, "TTT_OPTIMIZER=muon"]) == 2
+    err = capsys.readouterr().err
+    assert "TTT_OPTIMIZER is not a setting of train_gpt.py" in err and "--no-check" in err
+    assert rs.main([*base, "TTT_LR=0.01", "NCCL_DEBUG=INFO"]) == 0  # settings and pass-through variables
+    assert "TTT_LR=0.01 NCCL_DEBUG=INFO" in capsys.readouterr().out
+    assert rs.main([*base, "--no-check", "TTT_OPTIMIZER=muon"]) == 0
+    assert "TTT_OPTIMIZER=muon" in capsys.readouterr().out
 
 
 @slow
@@ -316,18 +331,33 @@ def test_submission_json(summary):
         assert r["val_bpb"] == float(field_of(grab(log, "final_score metric:"), "val_bpb"))
         assert r["val_loss"] == float(field_of(grab(log, "final_int6_ttt_etlb_ngram val_loss:"), "val_loss"))
         totals[seed] = int(grab(log, "Total submission size").split()[-2])
-        assert r["bytes_total"] == totals[seed]
-        assert r["train_time_s"] == float(field_of(grab(log, "train_budget:"), "total").rstrip("s"))
+        # the records' names: artifact_bytes (code + compressed model), bytes_model_compressed, bytes_code
+        assert "bytes_total" not in r and r["artifact_bytes"] == totals[seed]
+        assert r["bytes_model_compressed"] == int(grab(log, "Serialized model int6+brotli:").split()[-2])
+        assert r["bytes_code"] == int(grab(log, "Code size:").split()[2])
+        assert r["pre_quant_val_bpb"] == float(field_of(grab(log, "pre-quantization post-ema"), "val_bpb"))
+        budget = grab(log, "train_budget:")
+        assert r["train_time_s"] == float(field_of(budget, "total").rstrip("s"))
+        assert r["steps"] == int(field_of(budget, "steps")) == 4
+        assert r["step_avg_ms"] == round(1000 * float(field_of(budget, "train").rstrip("s")) / 4, 2)
         assert r["eval_time_s"] == float(grab(log, "eval_time_total:").split()[1].rstrip("s"))
         assert r["legal"] is True and r["world_size"] == 1
-    assert sub["bytes_total"] == max(totals.values())
+    assert sub["artifact_bytes_max"] == sub["bytes_total"] == max(totals.values())
+    assert sub["artifact_bytes_mean"] == round(statistics.mean(totals.values()))
     assert sub["bytes_code"] == max(int(grab(log, "Code size:").split()[2]) for log in logs)
+    assert sub["pre_quant_val_bpb"] == round(statistics.mean(
+        sub["seed_results"][str(s)]["pre_quant_val_bpb"] for s in SEEDS), 8)
+    assert sub["train_time_s_mean"] and sub["eval_time_s_mean"] and sub["step_avg_ms_mean"]
+    t = sub["technique_summary"]
+    assert f"{TINY.num_layers}L/{TINY.model_dim}d" in t and "GPTQ int6" in t and "brotli" in t
+    assert "score-first TTT" in t and "ETLB" in t and "n-gram tilt" in t and "pre-quant" not in t
     losses = [sub["seed_results"][str(s)]["val_loss"] for s in SEEDS]
     assert sub["val_loss"] == round(statistics.mean(losses), 8)
     c = sub["compliance"]
     assert c["artifact_under_16mb"] and c["train_under_600s"] and c["eval_under_600s"]
     assert c["score_first_ttt"] and c["no_pre_quant_ttt"] and c["three_seeds"] and c["all_seeds_legal"]
-    assert c["no_etlb"] is False and c["times_measured_on_8_gpus"] is False and c["problems"] == []
+    assert c["no_etlb"] is False and c["ngram_tilt"] is True
+    assert c["times_measured_on_8_gpus"] is False and c["problems"] == []
     assert sub["pytorch_version"] and sub["hardware"] == "world_size 1"  # CPU: no nvidia-smi in the log
 
 
@@ -413,7 +443,9 @@ def test_hand_made_over_cap_logs(capsys):
     assert rc == 1  # the PR #1399 log is inconsistent
     rows = budget_rows(out)
     assert [rows[s]["fits ≤ 16,000,000"] for s in ("102", "103", "101")] == ["yes", "**NO**", "**NO**"]
-    assert sub["compliance"]["artifact_under_16mb"] is False and sub["bytes_total"] == 16_084_685
+    assert sub["compliance"]["artifact_under_16mb"] is False
+    assert sub["artifact_bytes_max"] == sub["bytes_total"] == 16_084_685
+    assert sub["seed_results"]["103"]["artifact_bytes"] == 16_000_001
     assert sub["hardware"] == "8xNVIDIA H100 80GB HBM3"
     assert sub["seed_results"]["102"]["legal"] is True and sub["seed_results"]["101"]["legal"] is False
 
@@ -468,6 +500,169 @@ def test_pre_quant_ttt_is_not_legal(prequant_log, summary, capsys):
 
 
 # =============================================================================
+# score-line formats: `legal:` on every score line (older logs), or a `legality:` line (current)
+# =============================================================================
+
+NEW_LEGAL, NEW_PREQUANT, NEW_CONSOLE = (FIXTURES / n for n in (
+    "newformat_legal_seed201.txt", "newformat_prequant_seed202.txt", "newformat_ablations_console_seed203.txt"))
+
+
+@slow
+def test_tiny_logs_say_legality_once(tiny_runs):
+    for log in tiny_runs[0]:
+        assert grab(log, "legality:") == "legality: legal:1"
+        assert grab(log, "final_score ").endswith(" legal:1")
+        r = sl.parse_log(log)
+        assert r.legality_line == (True, "") and r.final_legal is True
+        assert all(sc.legal is None for sc in r.scores.values())  # score lines end at eval_time:Nms
+
+
+def test_new_format_legal_log():
+    r = sl.parse_log(NEW_LEGAL)
+    assert (r.status, r.seed, r.world_size, r.final_metric, r.final_bpb_text) == \
+        ("ok", 201, 8, "final_int6_ttt_etlb_ngram", "1.07700000")
+    assert r.legality_line == (True, "") and r.final_legal is True and r.final_reasons == ""
+    assert r.legality() == ("yes", []) and r.problems == [] and r.notes == []
+    # the decoys in the source-code region (a legal:0 legality line, another final_score) are ignored
+    assert any(line.startswith("legality: legal:0") for line in r.source_lines)
+    assert {k: (v.bpb_text, v.eval_ms, v.legal) for k, v in r.scores.items()} == {
+        "pre_quant": ("1.08400000", 6802, None), "final_int6_roundtrip": ("1.09600000", 6301, None),
+        "final_int6_sliding_window": ("1.08500000", 84458, None),
+        "final_int6_ttt_etlb_ngram": ("1.07700000", 401200, None)}
+    assert (r.total_bytes, r.model_bytes, r.code_bytes, r.train_text, r.eval_text, r.steps) == \
+        (15_990_000, 15_962_000, 28_000, "596.5", "492.0", 4500)
+
+
+def test_new_format_not_legal_log():
+    r = sl.parse_log(NEW_PREQUANT)
+    assert r.status == "ok" and r.problems == []
+    assert r.final_metric == "final_int6_sliding_window_etlb_ngram" and r.final_legal is False
+    # the last legality line (before evaluation) counts; reasons are split at "; " nowhere, kept whole
+    assert r.legality_line[0] is False and r.legality_line[1].startswith("pre-quant TTT trained the artifact")
+    assert r.final_reasons == r.legality_line[1] and r.final_reasons.endswith("MAX_WALLCLOCK_SECONDS=600")
+    verdict, why = r.legality()
+    assert verdict == "NO" and why[0].startswith("the log says legal:0 (pre-quant TTT trained")
+    assert any("pre-quant TTT (trains" in w for w in why) and "training 612.3s > 600s" in why
+    assert r.scores["pre_quant_ttt_scorefirst"].bpb_text == "1.04400000"
+
+
+def test_new_format_console_capture_with_every_ablation():
+    r = sl.parse_log(NEW_CONSOLE)
+    assert r.status == "ok" and not r.source_lines and r.problems == [] and r.legality() == ("yes", [])
+    assert set(r.scores) - {"pre_quant"} == {
+        "final_int6_roundtrip", "final_int6_sliding_window",
+        *(f"final_int6_{base}{etlb}{ngram}" for base in ("sliding_window", "ttt") for etlb in ("", "_etlb")
+          for ngram in ("", "_ngram") if (base, etlb, ngram) != ("sliding_window", "", ""))}
+    assert sorted(r.ablation_labels) == sorted(
+        f"final_int6_{m}" for m in ("sliding_window_ngram", "sliding_window_etlb", "sliding_window_etlb_ngram",
+                                    "ttt", "ttt_ngram", "ttt_etlb"))
+    assert r.eval_without_ablations_s == pytest.approx(274.2 - (9.524 + 13.981 + 13.527 + 68.597 + 22.186 + 25.604))
+    assert all(sl.KNOWN_LABELS.fullmatch(k) for k in r.scores if k != "pre_quant")
+
+
+def test_new_format_disagreements_and_truncation_are_problems():
+    text = NEW_LEGAL.read_text()
+    # legality line and final_score disagree
+    r = sl.parse_text(edit(text, r"^legality: legal:1$", "legality: legal:0 NOT leaderboard-legal: something"),
+                      "x_seed201.txt")
+    assert r.status == "INCONSISTENT" and r.legality()[0] == "NO"
+    assert any("`legality:` line says legal:0 but final_score says legal:1" in p for p in r.problems)
+    # cut right after the legality line: truncated, and its legal:0 reasons are reported
+    body = NEW_PREQUANT.read_text().split("\nfinal_int6_roundtrip ")[0] + "\n"
+    cut = sl.parse_text(body, "cut_seed202.txt")
+    assert cut.status == "TRUNCATED" and cut.legality()[0] == "NO"
+    assert any("legality line says legal:0 (pre-quant TTT trained" in w for w in cut.legality()[1])
+    # an old-format score line that contradicts final_score
+    old = (FIXTURES / "exactcap_seed102.txt").read_text()
+    bad = sl.parse_text(edit(old, r"^(final_int6_ttt_etlb .*) legal:1$", r"\1 legal:0 NOT leaderboard-legal: x"),
+                        "y_seed102.txt")
+    assert any("final_int6_ttt_etlb line says legal:0" in p for p in bad.problems)
+
+
+def test_unknown_score_label_is_noted():
+    text = edit(NEW_LEGAL.read_text(), r"^(final_int6_sliding_window) val_loss",
+                "final_int6_sliding_window\nfinal_int6_newpass val_loss:2.9 val_bpb:1.2 eval_time:5ms\n\\1 val_loss")
+    r = sl.parse_text(text, "z_seed201.txt")
+    assert "final_int6_newpass" in r.scores and r.problems == []
+    assert any("final_int6_newpass" in n and "does not know" in n for n in r.notes)
+    assert {k for k, _ in sl.SCORE_COLUMNS} - {"pre_quant"} == {
+        "final_int6_roundtrip", "pre_quant_ttt_scorefirst",
+        *(f"final_int6_{b}{e}{n}" for b in ("sliding_window", "ttt") for e in ("", "_etlb") for n in ("", "_ngram"))}
+    assert all(sl.KNOWN_LABELS.fullmatch(k) for k, _ in sl.SCORE_COLUMNS if k != "pre_quant")
+
+
+def test_both_formats_summarize_together(capsys, tmp_path):
+    logs = [FIXTURES / "exactcap_seed102.txt", NEW_LEGAL, NEW_CONSOLE]
+    rc, out, _ = summarize(capsys, [*logs, "--submission", tmp_path / "s.json", "--allow-problems"])
+    budget = budget_rows(out)
+    assert [budget[s]["legal"] for s in ("102", "201", "203")] == ["yes", "yes", "yes"]
+    assert rc == 1 or "final metric differs" in out  # 102 scored TTT+ETLB, the others TTT+ETLB+ngram
+    sub = json.loads((tmp_path / "s.json").read_text())
+    assert sub["seed_results"]["201"]["artifact_bytes"] == 15_990_000
+    assert sub["compliance"]["all_seeds_legal"] is True and sub["compliance"]["score_first_ttt"] is True
+    # no --date: the latest date nvidia-smi printed in the logs' headers (only 201 and 202 have one)
+    assert sub["date"] == "2026-11-24"
+    summarize(capsys, [NEW_LEGAL, NEW_PREQUANT, "--submission", tmp_path / "s2.json"])
+    assert json.loads((tmp_path / "s2.json").read_text())["date"] == "2026-11-25"
+
+
+def test_submission_uses_the_records_field_names():
+    """Per seed `artifact_bytes` etc., as records/track_10min_16mb/*/submission.json of openai/parameter-golf."""
+    runs = [sl.parse_log(p) for p in (NEW_LEGAL, NEW_PREQUANT, NEW_CONSOLE)]
+    sub = sl.build_submission(runs, author="a", github_id="g", name="n", blurb="b", date="2026-01-01", hardware=None)
+    for key in ("author", "github_id", "name", "blurb", "date", "track", "val_bpb", "val_bpb_std", "val_loss",
+                "val_loss_std", "seeds", "seed_results", "artifact_bytes_mean", "artifact_bytes_max", "bytes_total",
+                "bytes_code", "pre_quant_val_bpb", "train_time_s_mean", "eval_time_s_mean", "step_avg_ms_mean",
+                "train_steps_mean", "hardware", "pytorch_version", "technique_summary", "compliance"):
+        assert key in sub, key
+    assert sub["seeds"] == [201, 202, 203] and sub["hardware"] == "8xNVIDIA H100 80GB HBM3"
+    r = sub["seed_results"]["202"]
+    assert {"val_bpb", "val_loss", "pre_quant_val_bpb", "artifact_bytes", "bytes_model_compressed", "bytes_code",
+            "steps", "step_avg_ms", "train_time_s", "eval_time_s"} <= set(r)
+    assert "bytes_total" not in r and "bytes_model" not in r
+    assert (r["artifact_bytes"], r["bytes_model_compressed"], r["bytes_code"]) == (15_990_100, 15_962_100, 28_000)
+    assert (r["val_bpb"], r["pre_quant_val_bpb"], r["step_avg_ms"]) == (1.04, 1.084, round(586000 / 4500, 2))
+    assert r["legal"] is False and r["not_legal_because"]
+    assert sub["artifact_bytes_max"] == sub["bytes_total"] == 15_990_200
+    c = sub["compliance"]
+    assert (c["score_first_ttt"], c["no_etlb"], c["ngram_tilt"], c["no_pre_quant_ttt"]) == (False, False, True, False)
+    assert (c["artifact_under_16mb"], c["train_under_600s"], c["eval_under_600s"]) == (True, False, True)
+    assert c["times_measured_on_8_gpus"] is True and c["three_seeds"] is True and c["all_seeds_legal"] is False
+    assert "pre-quant TTT (not leaderboard-legal)" in sub["technique_summary"]
+    legal = sl.build_submission(runs[::2], author="", github_id="", name="", blurb="", date="", hardware="h",
+                                technique="my recipe")
+    c = legal["compliance"]
+    assert (c["score_first_ttt"], c["no_etlb"], c["ngram_tilt"], c["no_pre_quant_ttt"]) == (True, False, True, True)
+    assert legal["technique_summary"] == "my recipe" and c["all_seeds_legal"] is True
+
+
+def test_reproduction_leaves_out_settings_the_script_lacks(tmp_path):
+    script = tmp_path / "train_gpt.py"
+    script.write_text("class Hyperparameters:\n    seed: int = 1\n    iterations: int = 20000\n"
+                      "    ttt_lr: float = 0.005\n")
+    logged_source = ("class Hyperparameters:\n    seed: int = 1\n    iterations: int = 20000\n"
+                     "    ttt_lr: float = 0.005\n    ttt_optimizer: str = 'sgd'\n    val_batch_tokens: int = 524288\n")
+    world = "\nworld_size: 8 grad_accum_steps: 1 device: cuda:0 attention: fa3\n"
+    head, _, rest = NEW_LEGAL.read_text().partition(world)
+    text = (head.replace("  iterations: 20000\n", "  iterations: 20000\n  ttt_optimizer: muon\n"
+                         "  val_batch_tokens: 524288\n", 1).replace("  ttt_lr: 0.005", "  ttt_lr: 0.01")
+            + world + logged_source
+            + SEP + "\n" + rest.split(SEP + "\n", 1)[1])
+    r = sl.parse_text(text, "a_seed201.txt")
+    assert r.status == "ok" and "    ttt_optimizer: str = 'sgd'" in r.source_lines
+    repro = sl.reproduction([r], script)
+    first, rest_of = repro.split("\n", 1)
+    # TTT_OPTIMIZER was changed in the run but the script has no such setting: said, not passed
+    assert first == "# set in the logs but not settings of train_gpt.py (cannot be passed; the runs differ " \
+                    "from it there): TTT_OPTIMIZER=muon"
+    assert "TTT_LR=0.01" in rest_of and "TTT_OPTIMIZER" not in rest_of
+    assert "VAL_BATCH_TOKENS" not in repro and "ITERATIONS" not in repro  # at their defaults: nothing to say
+    # with the logged source as the script (--code-from-log), the setting is passed
+    script.write_text(logged_source)
+    assert "TTT_OPTIMIZER=muon" in sl.reproduction([r], script).split("\n", 1)[1]
+
+
+# =============================================================================
 # records folder
 # =============================================================================
 
@@ -515,7 +710,7 @@ def test_bench_logs():
         (12629484, 12602355, 27129, "206.9", "107.7")
     assert set(r.scores) == {"pre_quant", "final_int6_roundtrip", "final_int6_sliding_window",
                              "final_int6_sliding_window_etlb", "final_int6_ttt", "final_int6_ttt_etlb"}
-    assert r.legality() == ("yes", []) and r.gpus[0] == "NVIDIA H100 80GB HBM3"
+    assert r.legality() == ("yes", []) and r.gpus[0] == "NVIDIA H100 80GB HBM3" and r.run_date == "2026-11-26"
     assert r.eval_without_ablations_s == pytest.approx(107.7 - 14.885 - 49.864)
     four = sl.parse_log(BENCH / "bench_seed1337_4xh200.txt")
     assert (four.world_size, four.compressor, four.total_bytes, four.final_metric) == \
@@ -527,7 +722,7 @@ def test_bench_logs():
 
 @pytest.mark.skipif(not (BENCH / "ngram_seed1337_ablations_h100.txt").exists(), reason="no bench logs")
 def test_bench_log_with_every_ablation():
-    # session 6, EVAL_ABLATIONS=1 with TTT, ETLB and the n-gram tilt: six ablation passes, then the final
+    # EVAL_ABLATIONS=1 with TTT, ETLB and the n-gram tilt (older format): six ablation passes, then the final
     r = sl.parse_log(BENCH / "ngram_seed1337_ablations_h100.txt")
     assert (r.status, r.final_metric, r.final_bpb_text, r.eval_text) == \
         ("ok", "final_int6_ttt_etlb_ngram", "1.54971171", "208.7")
@@ -558,14 +753,70 @@ def test_results_md_is_current(capsys, monkeypatch):
     assert strip(out) == strip(md)
 
 
+# ============================================================================ scripts/*.sh
+
+SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
+
+
+def script_env(**env) -> dict[str, str]:
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("BENCH_DATA_DIR", "GPUS", "CUDA_VISIBLE_DEVICES", "NPROC", "BENCH_RUNS", "BENCH_CODE")}
+    full.update(env)
+    return full
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("bench_data", [None, "/nowhere"])
+def test_scripts_called_without_arguments_print_their_usage(script, bench_data, tmp_path):
+    env = script_env(BENCH_RUNS=str(tmp_path / "runs"), **({"BENCH_DATA_DIR": bench_data} if bench_data else {}))
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "usage:" in r.stderr and script.name in r.stderr
+    assert "unbound variable" not in r.stderr and not (tmp_path / "runs").exists()
+
+
+FAKE_TORCHRUN = """#!/bin/bash
+# stands in for torchrun: prints what it was given
+echo "torchrun $*"
+env | grep -E '^(SEED|RUN_ID|DATA_DIR|ITERATIONS|TTT_LR|QK_GAIN_INIT)=' | sort
+"""
+
+
+def test_bench_sh(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "torchrun").write_text(FAKE_TORCHRUN)
+    (tmp_path / "bin" / "torchrun").chmod(0o755)
+    (tmp_path / "train_gpt.py").write_text("# stand-in\n")
+    (tmp_path / "bench_data").mkdir()
+    env = script_env(BENCH_RUNS=str(tmp_path / "runs"), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    bench = lambda *a, **e: subprocess.run(["bash", str(REPO / "scripts" / "bench.sh"), *a],  # noqa: E731
+                                           env={**env, **e}, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = bench("b1", "5", "TTT_LR=0.01")  # BENCH_DATA_DIR unset: said clearly, with the usage
+    assert r.returncode == 2 and "BENCH_DATA_DIR is not set" in r.stderr and "usage:" in r.stderr
+    data = str(tmp_path / "bench_data")
+    for bad, why in ((("b1", "x"), "SEED 'x' is not a number"), (("b1", "5", "oops"), "'oops' is not VAR=VALUE"),
+                     (("a/b", "5"), "NAME 'a/b'")):
+        r = bench(*bad, BENCH_DATA_DIR=data)
+        assert r.returncode == 2 and why in r.stderr and "usage:" in r.stderr, bad
+    assert not (tmp_path / "runs").exists()
+    r = bench("b1", "5", "TTT_LR=0.01", BENCH_DATA_DIR=data, NPROC="4")
+    assert r.returncode == 0, r.stderr
+    console = (tmp_path / "runs" / "b1" / "console.txt").read_text().splitlines()
+    assert console[0] == f"torchrun --standalone --nproc_per_node=4 {tmp_path / 'train_gpt.py'}"
+    assert set(console[1:-1]) == {"SEED=5", "RUN_ID=b1", f"DATA_DIR={data}/", "ITERATIONS=241", "TTT_LR=0.01",
+                                  "QK_GAIN_INIT=4.0"}
+    assert console[-1] == "exit_code: 0"
+
+
 # ============================================================================ scripts/ttt_sweep.sh
 
 FAKE_BENCH = """#!/bin/bash
-# stands in for scripts/bench.sh: records its GPU and arguments, writes a final line
+# stands in for scripts/bench.sh: records its GPU and arguments, writes the last lines of a run
 name=$1; shift 2
 mkdir -p "$BENCH_RUNS/$name"
 echo "${CUDA_VISIBLE_DEVICES-unset}|$*" >> "$BENCH_RUNS/calls.txt"
-echo "final_int6_ttt_etlb val_loss:1 val_bpb:1.5 eval_time:1ms legal:1" > "$BENCH_RUNS/$name/console.txt"
+printf '%s\\n' "legality: legal:1" "final_int6_ttt_etlb_ngram val_loss:1 val_bpb:1.5 eval_time:1ms" \\
+  "final_score metric:final_int6_ttt_etlb_ngram val_bpb:1.5 legal:1" > "$BENCH_RUNS/$name/console.txt"
 """
 
 
@@ -574,8 +825,7 @@ def sweep(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess
     scripts.mkdir(exist_ok=True)
     (scripts / "ttt_sweep.sh").write_text((REPO / "scripts" / "ttt_sweep.sh").read_text())
     (scripts / "bench.sh").write_text(FAKE_BENCH)
-    full = {k: v for k, v in os.environ.items() if k not in ("BENCH_DATA_DIR", "GPUS", "CUDA_VISIBLE_DEVICES")}
-    full.update(BENCH_RUNS=str(tmp_path / "runs"), **env)
+    full = script_env(BENCH_RUNS=str(tmp_path / "runs"), **env)
     return subprocess.run(["bash", str(scripts / "ttt_sweep.sh"), *args], env=full, capture_output=True,
                           text=True, timeout=60)
 
@@ -587,6 +837,10 @@ def test_ttt_sweep_refuses_without_bench_data_or_artifact(tmp_path):
     assert r.returncode != 0 and "BENCH_DATA_DIR" in r.stderr
     r = sweep(tmp_path, [str(tmp_path / "missing.ptz"), "TTT_LR=0.01"], BENCH_DATA_DIR="/nowhere")
     assert r.returncode == 2 and "missing.ptz" in r.stderr
+    r = sweep(tmp_path, [str(art)], BENCH_DATA_DIR="/nowhere")  # no config
+    assert r.returncode == 2 and "usage:" in r.stderr
+    r = sweep(tmp_path, [str(art), "TTT_LR=0.01", "TTT_EPOCHS=2 bogus"], BENCH_DATA_DIR="/nowhere")
+    assert r.returncode == 2 and "'bogus' in config 'TTT_EPOCHS=2 bogus' is not VAR=VALUE" in r.stderr
     assert not (tmp_path / "runs" / "calls.txt").exists()  # nothing ran
 
 
@@ -599,10 +853,10 @@ def test_ttt_sweep_runs_one_config_per_gpu_in_waves(tmp_path):
     calls = sorted((tmp_path / "runs" / "calls.txt").read_text().splitlines(), key=lambda c: c.split("|")[1])
     assert len(calls) == 3
     by_cfg = {c.split("|")[1]: c.split("|")[0] for c in calls}
-    assert by_cfg == {f"LOAD_ARTIFACT={art.resolve()} SLIDING_WINDOW_ENABLED=0 {c}": g
-                      for c, g in zip(cfgs, ["2", "3", "2"])}
+    assert by_cfg == {f"LOAD_ARTIFACT={art.resolve()} {c}": g for c, g in zip(cfgs, ["2", "3", "2"])}
     assert sorted(ln.split(" [")[0] for ln in r.stdout.splitlines()) == ["sweep1", "sweep2", "sweep3"]
-    assert all("rc=0: final_int6_ttt_etlb" in ln for ln in r.stdout.splitlines())
+    assert all(ln.endswith("rc=0: final_score metric:final_int6_ttt_etlb_ngram val_bpb:1.5 legal:1")
+               for ln in r.stdout.splitlines())
     r = sweep(tmp_path, [str(art), "TTT_LR=0.02"], BENCH_DATA_DIR="/nowhere")  # no GPUS: GPU env untouched
     assert r.returncode == 0 and (tmp_path / "runs" / "calls.txt").read_text().splitlines()[-1].startswith("unset|")
 
@@ -638,9 +892,8 @@ def test_long_val_timing_builds_a_prefix_val_shard_and_runs_the_eval(tmp_path):
     (scripts / "bench.sh").write_text(FAKE_BENCH)
     art = tmp_path / "a.ptz"
     art.write_bytes(b"x")
-    env = {k: v for k, v in os.environ.items() if k not in ("BENCH_DATA_DIR", "NPROC")}
-    env.update(BENCH_RUNS=str(tmp_path / "runs"), BENCH_DATA_DIR=str(bench), LONGVAL_DIR=str(tmp_path / "lv"),
-               LONGVAL_TOKENS="1001", NPROC="4")
+    env = script_env(BENCH_RUNS=str(tmp_path / "runs"), BENCH_DATA_DIR=str(bench), LONGVAL_DIR=str(tmp_path / "lv"),
+                     LONGVAL_TOKENS="1001", NPROC="4")
     run = lambda *a: subprocess.run(["bash", str(scripts / "long_val_timing.sh"), *a], env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=60)
     r = run(str(art), "TTT_LR=0.004")
@@ -651,7 +904,8 @@ def test_long_val_timing_builds_a_prefix_val_shard_and_runs_the_eval(tmp_path):
     assert (tmp_path / "lv" / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"tok"
     call = (tmp_path / "runs" / "calls.txt").read_text().splitlines()[-1]
     assert call == f"unset|LOAD_ARTIFACT={art.resolve()} DATA_DIR={tmp_path / 'lv'}/ TTT_LR=0.004"
-    assert (tmp_path / "runs" / "longval_np4" / "console.txt").exists() and "final_int6_ttt_etlb" in r.stdout
+    assert (tmp_path / "runs" / "longval_np4" / "console.txt").exists()
+    assert "legality: legal:1" in r.stdout and "final_score metric:final_int6_ttt_etlb_ngram" in r.stdout
     env["LONGVAL_TOKENS"] = "6000"  # longer than the shard: a clear error, no run
     r = run(str(art))
     assert r.returncode != 0 and "at least 6000 tokens" in r.stderr

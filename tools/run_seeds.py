@@ -6,7 +6,8 @@
 
 Each run gets SEED=<seed> and RUN_ID=<prefix>_seed<seed>, so it writes logs/<prefix>_seed<seed>.txt
 (in the working directory, like train_gpt.py itself). VAR=VALUE arguments are added to the
-environment of every run. A run that exits non-zero, or whose log has no final_score line,
+environment of every run; a VAR that is not a setting of the script (removed or misspelt) is refused
+unless --no-check. A run that exits non-zero, or whose log has no final_score line,
 stops the series with a message naming the seed and the log; the remaining seeds do not run.
 Then: python3 tools/summarize_logs.py logs/<prefix>_seed*.txt. Not part of train_gpt.py.
 """
@@ -68,9 +69,11 @@ def setting_names(script: Path) -> list[str] | None:
 
 
 def parse_assignments(items: list[str], script: Path, check: bool) -> tuple[dict[str, str], list[str]]:
-    """VAR=VALUE arguments -> (env additions, warnings); typos of a setting name are errors."""
+    """VAR=VALUE arguments -> (env additions, warnings); names that are not settings are errors."""
     env, warnings = {}, []
     known = setting_names(script) if check else None
+    if check and known is None and items:
+        warnings.append(f"warning: cannot read the settings of {script}; VAR=VALUE arguments passed unchecked")
     for item in items:
         name, eq, value = item.partition("=")
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -79,11 +82,11 @@ def parse_assignments(items: list[str], script: Path, check: bool) -> tuple[dict
         if name in SET_BY_RUNNER:
             raise RunnerError(f"{name} is set per run by the runner (use --seeds / --prefix), not as {item!r}")
         if known is not None and name not in known and not PASS_THROUGH.match(name):
+            # a removed or misspelt setting would be ignored by the runs: refuse it
             close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
-            if close:
-                raise RunnerError(f"{name} is not a train_gpt.py setting; did you mean {close[0]}? "
-                                  f"(--no-check passes it anyway)")
-            warnings.append(f"warning: {name} is not a train_gpt.py setting; passed to the runs anyway")
+            hint = f"did you mean {close[0]}? " if close else "it was removed or is misspelt; "
+            raise RunnerError(f"{name} is not a setting of {script.name}: {hint}"
+                              f"(--no-check passes it anyway)")
         env[name] = value
     return env, warnings
 
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--overwrite", action="store_true",
                     help="delete an existing logs/<RUN_ID>.txt first (train_gpt.py appends to it otherwise)")
-    ap.add_argument("--no-check", action="store_true", help="do not reject VAR names that look like typos")
+    ap.add_argument("--no-check", action="store_true",
+                    help="pass VAR names that are not settings of the script (removed or misspelt) anyway")
     ap.add_argument("--summarize", action="store_true", help="run tools/summarize_logs.py on the logs at the end")
     a = ap.parse_args(argv)
     try:

@@ -3,12 +3,22 @@
 
     python3 tools/summarize_logs.py logs/run_seed1337.txt logs/run_seed42.txt logs/run_seed2025.txt \
         [--out RESULTS.md] [--submission submission.json] [--records-dir DIR] \
-        [--author A --github-id G --name N --blurb B --hardware H --date YYYY-MM-DD] [--allow-problems]
+        [--author A --github-id G --name N --blurb B --hardware H --date YYYY-MM-DD --technique-summary T]
+        [--allow-problems]
 
 Reads the lines train_gpt.py writes (see tools/README.md), never the source code that the log
-also contains. The artifact verdict is recomputed from the byte counts against the decimal
-16,000,000-byte cap; the log's own "fits" line is not trusted. A log that crashed, stops early
-or lacks a line is listed under "Problems" and makes the exit code 1 (unless --allow-problems).
+also contains. Both score-line formats are read: the older one with `legal:1`/`legal:0 ...` on
+every score line, and the current one (score lines end at `eval_time:Nms`; legality is stated on a
+`legality:` line before evaluation, and again on `final_score`). The artifact verdict is recomputed
+from the byte counts against the decimal 16,000,000-byte cap; the log's own "fits" line is not
+trusted. A log that crashed, stops early or lacks a line is listed under "Problems" and makes the
+exit code 1 (unless --allow-problems).
+
+submission.json uses the field names of the official records (records/track_10min_16mb/*/
+submission.json in openai/parameter-golf): per seed artifact_bytes (code + compressed model),
+bytes_model_compressed, bytes_code, pre_quant_val_bpb, step_avg_ms, train_time_s, eval_time_s;
+top level bytes_total / artifact_bytes_max / artifact_bytes_mean, technique_summary and compliance
+flags (what the scored evaluation uses: score_first_ttt, no_etlb, ngram_tilt, no_pre_quant_ttt).
 Standard library only; not part of train_gpt.py (does not count toward the artifact).
 """
 from __future__ import annotations
@@ -33,7 +43,9 @@ TIME_LIMIT_S = 600.0  # training (incl. GPTQ Hessians) and evaluation, each, on 
 SEP = "=" * 100  # train_gpt.py's header separator (file logs only)
 REPO = Path(__file__).resolve().parents[1]
 
-# Score lines, in the order of the table's columns: (label in the log, column title).
+# Score lines, in the order of the table's columns: (label in the log, column title). The labels
+# train_gpt.py prints: final_int6_roundtrip, final_int6_{sliding_window,ttt}[_etlb][_ngram],
+# pre_quant_ttt_scorefirst, and the pre-quantization line (here "pre_quant").
 SCORE_COLUMNS = [
     ("final_int6_sliding_window", "sliding"),
     ("final_int6_sliding_window_etlb", "sliding+ETLB"),
@@ -47,6 +59,8 @@ SCORE_COLUMNS = [
     ("final_int6_roundtrip", "roundtrip"),
     ("pre_quant", "pre-quant (EMA)"),
 ]
+KNOWN_LABELS = re.compile(r"final_int6_roundtrip|final_int6_(?:sliding_window|ttt)(?:_etlb)?(?:_ngram)?"
+                          r"|pre_quant_ttt_scorefirst")
 # Passes that always run; with EVAL_ABLATIONS=1 every other final_int6_* pass except the final
 # metric's is an ablation (a smaller subset of the enabled TTT / ETLB / n-gram tilt).
 ALWAYS_RUN = ("final_int6_roundtrip", "final_int6_sliding_window")
@@ -61,6 +75,7 @@ RX = {name: re.compile(pat) for name, pat in {
     "python": r"Running Python (\S+).*",
     "pytorch": r"Running PyTorch (\S+)",
     "gpu": r"\|\s+\d+\s+(NVIDIA .+?)\s{2,}(?:On|Off)\s+\|.*",
+    "smi_date": r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (\w{3}) +(\d{1,2}) \d\d:\d\d:\d\d (\d{4})\s*",
     "val_tokens": r"val_tokens: (\d+)",
     "train_shards": r"train_shards: (\d+)",
     "model_params": r"model_params:(\d+)",
@@ -73,15 +88,18 @@ RX = {name: re.compile(pat) for name, pat in {
     "train_budget": rf"train_budget: train:({NUM})s hessians:({NUM})s total:({NUM})s limit:(\d+)s steps:(\d+)",
     "stage": rf"stage:(\S+) seconds:({NUM})",
     "pre_quant": rf"pre-quantization post-ema val_loss:({NUM}) val_bpb:({NUM}) eval_time:(\d+)ms",
+    # legal:... closes each score line in the older format only
     "score": rf"(final_int6_[a-z_]+|pre_quant_ttt_scorefirst) val_loss:({NUM}) val_bpb:({NUM}) "
-             rf"eval_time:(\d+)ms legal:([01])(.*)",
+             rf"eval_time:(\d+)ms(?: legal:([01])(.*))?",
+    "legality": r"legality: legal:([01])(?: NOT leaderboard-legal: (.*))?",
     "code": r"Code size: (\d+) bytes.*",
     "model": r"Serialized model int6\+(\w+): (\d+) bytes",
     "total": r"Total submission size int6\+(\w+): (\d+) bytes",
     "fits": r"artifact: fits total:(\d+) limit:(\d+) margin:(-?\d+)",
     "over": r"ARTIFACT OVER LIMIT: total (\d+) bytes > (\d+) by (\d+) bytes.*",
     "eval_total": rf"eval_time_total: ({NUM})s limit:(\d+)s.*",
-    "final": rf"final_score metric:(\S+) val_bpb:({NUM}) legal:([01])(?: reasons: (.*))?",
+    # reasons after "NOT leaderboard-legal:" (current format) or "reasons:" (older format)
+    "final": rf"final_score metric:(\S+) val_bpb:({NUM}) legal:([01])(?: (?:NOT leaderboard-legal|reasons): (.*))?",
     "error": r"error: (\w+): (.*)",
     "traceback": r"Traceback \(most recent call last\):",
 }.items()}
@@ -93,7 +111,7 @@ class Score:
     loss_text: str
     bpb_text: str
     eval_ms: int
-    legal: bool
+    legal: bool | None  # None: the line does not say (current format: see RunLog.legality_line)
     tail: str = ""
 
     @property
@@ -118,6 +136,7 @@ class RunLog:
     python_version: str = ""
     torch_version: str = ""
     gpus: list = field(default_factory=list)
+    run_date: str | None = None  # YYYY-MM-DD, from the date line nvidia-smi prints in the header
     source_lines: list = field(default_factory=list)
     header_state: str = "pre"  # where the parser stood when the file ended
     val_tokens: int | None = None
@@ -140,6 +159,7 @@ class RunLog:
     final_bpb_text: str | None = None
     final_legal: bool | None = None
     final_reasons: str = ""
+    legality_line: tuple | None = None  # (legal, reasons) of the `legality:` line (current format)
     error: str | None = None
     last_line: tuple = (0, "")
     problems: list = field(default_factory=list)
@@ -216,6 +236,9 @@ class RunLog:
         reasons = []
         if self.final_legal is None:
             reasons.append("no final_score line")
+            if self.legality_line and not self.legality_line[0]:
+                why = self.legality_line[1]
+                reasons.append("the legality line says legal:0" + (f" ({why})" if why else ""))
         elif not self.final_legal:
             reasons.append("the log says legal:0" + (f" ({self.final_reasons})" if self.final_reasons else ""))
         if self.total_bytes is None:
@@ -291,6 +314,11 @@ def parse_text(text: str, path: str = "<log>") -> RunLog:
                 r.torch_version = m.group(1)
             elif m := RX["gpu"].fullmatch(line):
                 r.gpus.append(m.group(1).strip())
+            elif m := RX["smi_date"].fullmatch(line):
+                try:
+                    r.run_date = datetime.datetime.strptime(" ".join(m.groups()), "%b %d %Y").date().isoformat()
+                except ValueError:
+                    pass
         elif state == "normal":
             last_meaningful = _parse_body(r, n, line) or last_meaningful
         prev = line
@@ -319,7 +347,7 @@ def _parse_body(r: RunLog, n: int, line: str) -> tuple | None:
     if _parse_world(r, line):
         return n, line
     for key, rx in RX.items():
-        if key in ("hparam", "world", "python", "pytorch", "gpu"):
+        if key in ("hparam", "world", "python", "pytorch", "gpu", "smi_date"):
             continue
         m = rx.fullmatch(line)
         if not m:
@@ -340,9 +368,12 @@ def _parse_body(r: RunLog, n: int, line: str) -> tuple | None:
         elif key == "stage":
             r.stages[g[0]] = float(g[1])
         elif key == "pre_quant":
-            r.scores["pre_quant"] = Score("pre_quant", g[0], g[1], int(g[2]), True)
+            r.scores["pre_quant"] = Score("pre_quant", g[0], g[1], int(g[2]), None)
         elif key == "score":
-            r.scores[g[0]] = Score(g[0], g[1], g[2], int(g[3]), g[4] == "1", g[5].strip())
+            legal = None if g[4] is None else g[4] == "1"
+            r.scores[g[0]] = Score(g[0], g[1], g[2], int(g[3]), legal, (g[5] or "").strip())
+        elif key == "legality":
+            r.legality_line = (g[0] == "1", (g[1] or "").strip())
         elif key == "code":
             r.code_bytes = int(g[0])
         elif key == "model":
@@ -411,6 +442,11 @@ def _check(r: RunLog) -> None:
     s = r.final_score
     if s is not None and r.final_bpb_text is not None and s.val_bpb != r.final_bpb:
         P.append(f"final_score val_bpb {r.final_bpb_text} differs from the {r.final_metric} line's {s.bpb_text}")
+    if r.legality_line is not None and r.final_legal is not None and r.legality_line[0] != r.final_legal:
+        P.append(f"the `legality:` line says legal:{int(r.legality_line[0])} but final_score says "
+                 f"legal:{int(r.final_legal)}")
+    if s is not None and s.legal is not None and r.final_legal is not None and s.legal != r.final_legal:
+        P.append(f"the {r.final_metric} line says legal:{int(s.legal)} but final_score says legal:{int(r.final_legal)}")
     if None not in (r.total_bytes, r.model_bytes, r.code_bytes) and r.total_bytes != r.model_bytes + r.code_bytes:
         P.append(f"Total submission size {r.total_bytes} != model {r.model_bytes} + code {r.code_bytes}")
     if r.log_verdict and r.total_bytes is not None:
@@ -431,6 +467,9 @@ def _check(r: RunLog) -> None:
         N.append(f"MAX_WALLCLOCK_SECONDS=0: training was not capped (fixed ITERATIONS={r.hparams.get('iterations')})")
     if r.hparams.get("artifact_limit_bytes") not in (None, str(CAP_BYTES)):
         N.append(f"ARTIFACT_LIMIT_BYTES={r.hparams['artifact_limit_bytes']} (not the challenge's {CAP_BYTES})")
+    unknown = [k for k in r.scores if k != "pre_quant" and not KNOWN_LABELS.fullmatch(k)]
+    if unknown:
+        N.append(f"score line(s) with a label this summarizer does not know (not in the table): {', '.join(unknown)}")
     if r.eval_ablations and r.eval_s is not None:
         extra = r.ablation_labels
         if extra:
@@ -688,24 +727,48 @@ def _env_value(v: str) -> str:
     return {"True": "1", "False": "0"}.get(v, v)
 
 
+def source_fields(source: str) -> set[str] | None:
+    """Every Hyperparameters field name of a train_gpt.py source (None: no such class, e.g. a packed wrapper)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Hyperparameters":
+            return {st.target.id for st in node.body
+                    if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)}
+    return None
+
+
 def reproduction(runs: list[RunLog], script: Path | None, nproc: int | None = None) -> str | None:
     ok = [r for r in runs if r.hparams]
     if not ok:
         return None
-    defaults: list[dict] = []
+    log_defaults: list[dict] = []
     for src in {"\n".join(r.source_lines) for r in ok if r.source_lines}:
         d = source_defaults(src)
         if d:
-            defaults.append(d)
+            log_defaults.append(d)
+    defaults = list(log_defaults)
+    target = None  # the settings the script to run has; a logged setting it lacks cannot be passed to it
     if script is not None and script.is_file():
-        d = source_defaults(script.read_text(encoding="utf-8"))
+        text = script.read_text(encoding="utf-8")
+        target = source_fields(text)
+        d = source_defaults(text)
         if d:
             defaults.append(d)
     if not defaults:
         return None
-    env, differs = [], []
+    env, differs, lost = [], [], []
     for k, v in ok[0].hparams.items():
         if k in PER_RUN_FIELDS:
+            continue
+        if target is not None and k not in target:
+            # not a setting of the script any more: only worth a word if the runs changed it
+            if any(r.hparams.get(k) != v for r in ok):
+                lost.append(f"{k.upper()} (differs between the logs)")
+            elif any(d.get(k, v) != v for d in log_defaults):
+                lost.append(f"{k.upper()}={_env_value(v)}")
             continue
         if any(r.hparams.get(k) != v for r in ok):
             differs.append(k.upper())
@@ -725,6 +788,9 @@ def reproduction(runs: list[RunLog], script: Path | None, nproc: int | None = No
              f"{env_s}".rstrip()]
     if differs:
         lines.insert(0, "# differs between the logs (set per seed as they were): " + ", ".join(differs))
+    if lost:
+        lines.insert(0, f"# set in the logs but not settings of {script.name} (cannot be passed; the runs "
+                        "differ from it there): " + ", ".join(lost))
     return "\n".join(lines)
 
 
@@ -736,8 +802,70 @@ def _r(v, d=8):
     return None if v is None else round(v, d)
 
 
+def _mean(values, d=8):
+    m, _, _ = mean_std(values)
+    return _r(m, d)
+
+
+def eval_uses(runs: list[RunLog]) -> dict[str, bool]:
+    """What the scored evaluation (each log's final metric) uses: every log, or False."""
+    metrics = [r.final_metric for r in runs if r.final_metric]
+    every = lambda part: bool(metrics) and len(metrics) == len(runs) and all(part in m for m in metrics)  # noqa: E731
+    anyone = lambda part: any(part in m for m in metrics)  # noqa: E731
+    return {"ttt": every("_ttt"), "etlb": anyone("_etlb"), "ngram": anyone("_ngram"),
+            "pre_quant_ttt": any(r.pre_quant_ttt for r in runs)}
+
+
+def technique_summary(runs: list[RunLog]) -> str:
+    """A one-line recipe from the first log's hyperparameters and the final metric (what the score used)."""
+    r = next((x for x in runs if x.hparams), None)
+    if r is None:
+        return ""
+    h = r.hparams
+    model = []
+    if h.get("vocab_size"):
+        model.append(f"SP{h['vocab_size']}")
+    if h.get("num_layers") and h.get("model_dim"):
+        model.append(f"{h['num_layers']}L/{h['model_dim']}d")
+    if h.get("mlp_mult"):
+        model.append(f"MLP {h['mlp_mult'].removesuffix('.0')}x")
+    if h.get("xsa_last_n") not in (None, "0"):
+        model.append(f"XSA last {h['xsa_last_n']}")
+    if h.get("recur_layers"):
+        model.append(f"depth recurrence (layers {h['recur_layers']})")
+    if h.get("ema_decay"):
+        model.append(f"EMA {h['ema_decay']}")
+    quant = "GPTQ int6"
+    if h.get("gptq_clip") == "sdclip" and h.get("gptq_sigmas"):
+        quant += f" (SDClip {h['gptq_sigmas']} sigma)"
+    elif h.get("gptq_clip"):
+        quant += f" ({h['gptq_clip']} clip)"
+    if r.compressor:
+        quant += f" + {r.compressor}"
+    uses = eval_uses([x for x in runs if x.final_metric])
+    ev = []
+    if any(uses[k] for k in ("ttt", "etlb", "ngram")) or "sliding_window" in (r.final_metric or ""):
+        ev.append(f"sliding window (stride {h['eval_stride']})" if h.get("eval_stride") else "sliding window")
+    if uses["ttt"]:
+        ttt = ", ".join(x for x in (f"{h['ttt_epochs']} epochs" if h.get("ttt_epochs") else "",
+                                    f"lr {h['ttt_lr']}" if h.get("ttt_lr") else "") if x)
+        ev.append("score-first TTT" + (f" (SGD, {ttt})" if ttt else ""))
+    if uses["etlb"]:
+        ev.append("ETLB")
+    if uses["ngram"]:
+        ev.append("prefix n-gram tilt")
+    if uses["pre_quant_ttt"]:
+        ev.append("pre-quant TTT (not leaderboard-legal)")
+    parts = [", ".join(model), quant]
+    if ev:
+        parts.append("eval: " + " + ".join(ev))
+    return "; ".join(p for p in parts if p)
+
+
 def build_submission(runs: list[RunLog], *, author: str, github_id: str, name: str, blurb: str, date: str,
-                     hardware: str | None, track: str = "10min_16mb") -> dict:
+                     hardware: str | None, track: str = "10min_16mb", technique: str | None = None) -> dict:
+    """submission.json with the field names of the official records (records/track_10min_16mb/*/):
+    per seed artifact_bytes (code + compressed model), top level bytes_total / artifact_bytes_max, ..."""
     scored = [r for r in runs if r.final_bpb is not None]
     m, s, n = mean_std([r.final_bpb for r in runs])
     lm, ls, _ = mean_std([r.final_loss for r in runs])
@@ -756,21 +884,28 @@ def build_submission(runs: list[RunLog], *, author: str, github_id: str, name: s
     def all_true(vals):
         return bool(vals) and all(v is True for v in vals) and len(vals) == len(runs)
 
+    def pre_quant_bpb(r: RunLog) -> float | None:
+        sc = r.scores.get("pre_quant")
+        return sc.val_bpb if sc else None
+
+    def step_avg_ms(r: RunLog) -> float | None:
+        return _r(1000 * r.train_only_s / r.steps, 2) if r.train_only_s is not None and r.steps else None
+
     seed_results = {}
     for r in runs:
         legal, why = r.legality()
         seed_results[r.label] = {
-            "val_bpb": r.final_bpb, "val_loss": r.final_loss, "metric": r.final_metric,
-            "bytes_total": r.total_bytes, "bytes_model": r.model_bytes, "bytes_code": r.code_bytes,
-            "train_time_s": r.train_s, "eval_time_s": r.eval_s, "steps": r.steps, "world_size": r.world_size,
-            "legal": legal == "yes", "status": r.status, "log": r.name,
+            "val_bpb": r.final_bpb, "val_loss": r.final_loss, "pre_quant_val_bpb": pre_quant_bpb(r),
+            "artifact_bytes": r.total_bytes, "bytes_model_compressed": r.model_bytes, "bytes_code": r.code_bytes,
+            "steps": r.steps, "step_avg_ms": step_avg_ms(r), "train_time_s": r.train_s, "eval_time_s": r.eval_s,
+            "metric": r.final_metric, "world_size": r.world_size, "legal": legal == "yes", "status": r.status,
+            "log": r.name,
         }
         if legal != "yes":
             seed_results[r.label]["not_legal_because"] = why
         if r.eval_ablations and r.eval_s is not None:
             seed_results[r.label]["eval_time_s_without_ablations"] = _r(r.eval_without_ablations_s, 1)
-    uses_ttt = bool(metrics) and all("ttt" in k for k in metrics)
-    uses_etlb = any("etlb" in k for k in metrics)
+    uses = eval_uses(scored)
     problems = [f"seed {r.label}: {r.status}: {p}" for r in runs for p in r.problems] + cross_checks(runs)[0]
     return {
         "author": author,
@@ -781,25 +916,34 @@ def build_submission(runs: list[RunLog], *, author: str, github_id: str, name: s
         "track": track,
         "val_bpb": _r(m),
         "val_bpb_std": _r(s),
-        "val_bpb_n": n,
-        "val_bpb_metric": metrics[0] if len(metrics) == 1 else metrics,
         "val_loss": _r(lm),
         "val_loss_std": _r(ls),
-        "bytes_total": max(totals) if totals else None,
-        "bytes_code": max(codes) if codes else None,
+        "val_bpb_n": n,
+        "val_bpb_metric": metrics[0] if len(metrics) == 1 else metrics,
+        "pre_quant_val_bpb": _mean([pre_quant_bpb(r) for r in runs]),
         "seeds": [r.seed if r.seed is not None else r.label for r in runs],
         "seed_results": seed_results,
+        "artifact_bytes_mean": round(statistics.mean(totals)) if totals else None,
+        "artifact_bytes_max": max(totals) if totals else None,
+        "bytes_total": max(totals) if totals else None,
+        "bytes_code": max(codes) if codes else None,
+        "train_steps_mean": _mean([r.steps for r in runs], 2),
+        "step_avg_ms_mean": _mean([step_avg_ms(r) for r in runs], 2),
+        "train_time_s_mean": _mean(trains, 2),
+        "eval_time_s_mean": _mean(evals, 2),
         "hardware": hardware,
         "world_size": ws[0] if len(ws) == 1 else ws,
         "pytorch_version": torch_versions[0] if len(torch_versions) == 1 else torch_versions,
+        "technique_summary": technique_summary(runs) if technique is None else technique,
         "compliance": {
             "train_under_600s": all_true([t is not None and t <= TIME_LIMIT_S for t in trains]),
             "artifact_under_16mb": all_true([r.fits for r in runs]),
             "eval_under_600s": all_true([e is not None and e <= TIME_LIMIT_S for e in evals]),
             "times_measured_on_8_gpus": ws == [8],
-            "score_first_ttt": uses_ttt,
+            "score_first_ttt": uses["ttt"],
+            "no_etlb": not uses["etlb"],
+            "ngram_tilt": uses["ngram"],
             "no_pre_quant_ttt": not any(r.pre_quant_ttt for r in runs),
-            "no_etlb": not uses_etlb,
             "three_seeds": len({r.seed for r in scored}) >= 3,
             "all_seeds_legal": all(r.legality()[0] == "yes" for r in runs) and bool(runs),
             "artifact_bytes_max": max(totals) if totals else None,
@@ -879,9 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--github-id", default="")
     ap.add_argument("--name", default="", help="submission name (also the Markdown title)")
     ap.add_argument("--blurb", default="")
-    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--date", help="YYYY-MM-DD (default: the latest date nvidia-smi printed in the logs, else today)")
     ap.add_argument("--hardware", help="hardware string (default: world_size x GPU name from nvidia-smi in the log)")
     ap.add_argument("--track", default="10min_16mb")
+    ap.add_argument("--technique-summary", help="submission.json technique_summary (default: one line made from "
+                                                "the first log's hyperparameters and the final metric)")
     ap.add_argument("--script", default=str(REPO / "train_gpt.py"),
                     help="train_gpt.py to copy into --records-dir and to read defaults from")
     ap.add_argument("--requirements", default=str(REPO / "requirements.txt"))
@@ -894,6 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     runs = [parse_log(p) for p in a.logs]
+    if a.date is None:
+        a.date = max((r.run_date for r in runs if r.run_date), default=datetime.date.today().isoformat())
     command = shlex.join(["python3", "tools/summarize_logs.py", *argv])
     script = Path(a.script)
     extra_problems: list[str] = []
@@ -917,7 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(md, encoding="utf-8")
     sub = build_submission(runs, author=a.author, github_id=a.github_id, name=a.name, blurb=a.blurb,
-                           date=a.date, hardware=a.hardware, track=a.track)
+                           date=a.date, hardware=a.hardware, track=a.track,
+                           technique=a.technique_summary)
     sub["compliance"]["problems"] += extra_problems
     if a.submission:
         Path(a.submission).parent.mkdir(parents=True, exist_ok=True)
