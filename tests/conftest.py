@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny config and a tiny challenge-format dataset (CPU, seconds).
 
 Run everything: python3 -m pytest -q tests        (see README "Testing")
-The dataset uses the official sp1024 tokenizer and real FineWeb validation docs from
-../shared/bench when that folder exists, else a small BPE trained on generated text.
+The dataset uses the official sp1024 tokenizer and real FineWeb validation docs from the bench
+folder beside the repository when it exists (docs/BENCH.md), else a small BPE trained on
+generated text.
 """
 from __future__ import annotations
 
