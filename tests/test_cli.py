@@ -152,3 +152,14 @@ def test_stage_timer_records_and_sums_evaluation(tmp_path):
         pass
     assert set(t.seconds) == {"a", "b"} and lap.seconds >= 0
     assert t.eval_seconds == pytest.approx(t.seconds["b"])
+
+
+def test_readme_is_the_user_document():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300
+    assert lines.index("## Quickstart") < 60
+    ci_test_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_test_command in lines  # CI runs exactly the README's test command
+    for path in ("requirements.txt", "requirements-dev.txt", "scripts/demo_cpu.py", "data/cached_challenge_fineweb.py",
+                 "tools/run_seeds.py", "tools/summarize_logs.py", "docs/BENCH.md", "docs/EXPERIMENTS.md"):
+        assert path in "\n".join(lines) and (REPO / path).exists(), path
