@@ -1288,8 +1288,9 @@ class Trainer:
             if pending is not None and _diverged_or_capped(pending) and stop_after is None:
                 stop_after = pending[0]
             pending = (step, loss, flags)
-            if h.train_log_every > 0 and (step <= 5 or step % h.train_log_every == 0 or stop_after is not None) \
-                    or clk.progress_due():
+            due = clk.progress_due()
+            if due or h.train_log_every > 0 and (step <= 5 or step % h.train_log_every == 0 or stop_after is not None):
+                clk.mark_progress()
                 ms = clk.ms()
                 log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {ms / 60000:.1f}m "
                     f"tok/s: {tok_per_s(step, ms, h):.0f}")
@@ -1343,12 +1344,11 @@ class _LoopClock:
         self.t0 = self.clock()
 
     def progress_due(self) -> bool:
-        """True at most every PROGRESS_SECONDS of wall time (a small run still says it is alive)."""
-        now = self.clock()
-        if now - self.last_progress < PROGRESS_SECONDS:
-            return False
-        self.last_progress = now
-        return True
+        """True when no step line was logged for PROGRESS_SECONDS (a slow run still says it is alive)."""
+        return self.clock() - self.last_progress >= PROGRESS_SECONDS
+
+    def mark_progress(self) -> None:
+        self.last_progress = self.clock()
 
 
 def _diverged_or_capped(pending) -> bool:
@@ -2399,7 +2399,7 @@ def obtain_model(ctx: RunContext) -> tuple[GPT, dict[str, Tensor]]:
     log(f"pre-quantization post-ema val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     ctx.results["scores"]["pre_quant"] = vb
     if h.pre_quant_ttt:
-        with ctx.timer.stage("pre_quant_ttt", evaluation=True):
+        with ctx.timer.stage("pre_quant_ttt"):  # its seconds count as evaluation once, in ctx.score
             ctx.score("pre_quant_ttt_scorefirst", lambda: pre_quant_ttt(h, rt, model, ctx.val_tokens, ctx.luts))
         log("legality: " + legality_line(["diagnostic: the score-first pass of pre-quant TTT scores the "
                                           "unquantized model, not the artifact, and the artifact below is "
@@ -2413,7 +2413,6 @@ def build_artifact(ctx: RunContext, model: GPT, hessians: dict[str, Tensor]) -> 
     h, rt = ctx.h, ctx.rt
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     extra = {"shape": {k: getattr(h, k) for k in SHAPE_FIELDS}, "recurrence_active": model.recurrence_active}
-    del model
     with ctx.timer.stage("gptq", evaluation=h.pre_quant_ttt):  # after pre-quant TTT, GPTQ is eval time
         quantized = Quantizer(h, rt, sd, hessians).quantize()
     log(f"Code size: {ctx.code_bytes} bytes (self-extracting LZMA wrapper of train_gpt.py)")
@@ -2506,7 +2505,7 @@ def load_checkpoint(h: Hyperparameters, rt: Runtime) -> tuple[GPT, dict[str, Ten
 
 def preflight(h: Hyperparameters, rt: Runtime) -> None:
     """Refuse a run that cannot fit in memory on CPU; warn when it will take hours there."""
-    if rt.is_cuda or h.load_artifact:
+    if rt.is_cuda or h.load_artifact or h.load_checkpoint:
         return
     est = cpu_memory_estimate(h)
     avail = available_memory_bytes()

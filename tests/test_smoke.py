@@ -160,6 +160,10 @@ def test_pre_quant_ttt_is_labelled_not_legal(dataset, workdir, base_run):
     line = run.line("legality:")
     assert line.startswith("legality: legal:0 NOT leaderboard-legal: pre-quant TTT"), line
     assert run.line("final_int6_roundtrip val_loss:").endswith("ms")  # the score line carries no label
+    # evaluation seconds = every scoring pass once (pre-quant TTT's included) + loading + GPTQ after it
+    passes = sum(float(m) for m in re.findall(r"^\S+ val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms$", run.log, re.M)) / 1000
+    stages = run.number("stage:deserialize", "seconds:") + run.number("stage:gptq", "seconds:")
+    assert run.number("eval_time_total:", "eval_time_total:") == pytest.approx(passes + stages, abs=0.1 + 0.01 * passes)
     assert re.search(r"final_score .* legal:0", run.line("final_score"))
     assert "legal:1" not in run.line("final_score")
     # the checkpoint is the base run's EMA model: the same pre-quantization score
