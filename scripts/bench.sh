@@ -10,17 +10,13 @@ usage() {
   echo "usage: BENCH_DATA_DIR=DIR [NPROC=N] [BENCH_RUNS=DIR] scripts/bench.sh NAME SEED [VAR=VALUE ...]" >&2
   exit 2
 }
+source "$(dirname "$0")/args.bash" || exit 2
 [ $# -ge 2 ] || usage
 name=$1; seed=$2; shift 2
 [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || { echo "bench.sh: NAME '$name': use letters, digits, '.', '_' or '-'" >&2; usage; }
 [[ $seed =~ ^[0-9]+$ ]] || { echo "bench.sh: SEED '$seed' is not a number" >&2; usage; }
-for kv in "$@"; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || { echo "bench.sh: '$kv' is not VAR=VALUE" >&2; usage; }
-done
-if [ -z "${BENCH_DATA_DIR:-}" ]; then
-  echo "bench.sh: BENCH_DATA_DIR is not set: point it at the bench data (a folder with datasets/ and tokenizers/)" >&2
-  usage
-fi
+need_var_values "" "$@"
+need_bench_data
 [ -d "$BENCH_DATA_DIR" ] || { echo "bench.sh: BENCH_DATA_DIR=$BENCH_DATA_DIR is not a directory" >&2; exit 2; }
 code=${BENCH_CODE:-$(pwd)/train_gpt.py}
 [ -f "$code" ] || { echo "bench.sh: no train_gpt.py at $code (run from the project root or set BENCH_CODE)" >&2; exit 2; }

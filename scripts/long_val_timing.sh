@@ -12,12 +12,10 @@ usage() {
   echo "usage: BENCH_DATA_DIR=DIR [NPROC=N] [LONGVAL_TOKENS=N] scripts/long_val_timing.sh ARTIFACT [VAR=VALUE ...]" >&2
   exit 2
 }
+source "$(dirname "$0")/args.bash" || exit 2
 [ $# -ge 1 ] || usage
-if [ -z "${BENCH_DATA_DIR:-}" ]; then
-  echo "long_val_timing.sh: BENCH_DATA_DIR is not set: point it at the bench data (datasets/ and tokenizers/)" >&2
-  usage
-fi
-[ -f "$1" ] || { echo "long_val_timing.sh: no artifact file at '$1'" >&2; usage; }
+need_bench_data
+need_artifact "$1"
 art=$(readlink -f "$1"); shift
 here=$(cd "$(dirname "$0")" && pwd)
 out=${LONGVAL_DIR:-/tmp/longval}

@@ -11,19 +11,15 @@ usage() {
   echo "usage: BENCH_DATA_DIR=DIR [GPUS=\"0 1 ...\"] [SEED=N] [SWEEP_NAME=NAME] scripts/ttt_sweep.sh ARTIFACT \"VAR=V ...\" [\"VAR=V ...\" ...]" >&2
   exit 2
 }
+source "$(dirname "$0")/args.bash" || exit 2
 [ $# -ge 2 ] || usage
-if [ -z "${BENCH_DATA_DIR:-}" ]; then
-  echo "ttt_sweep.sh: BENCH_DATA_DIR is not set: point it at the bench data (datasets/ and tokenizers/)" >&2
-  usage
-fi
-[ -f "$1" ] || { echo "ttt_sweep.sh: no artifact file at '$1'" >&2; usage; }
+need_bench_data
+need_artifact "$1"
 art=$(readlink -f "$1"); shift
 for cfg in "$@"; do
   read -r -a kvs <<< "$cfg"
   [ ${#kvs[@]} -ge 1 ] || { echo "ttt_sweep.sh: an empty config" >&2; usage; }
-  for kv in "${kvs[@]}"; do
-    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || { echo "ttt_sweep.sh: '$kv' in config '$cfg' is not VAR=VALUE" >&2; usage; }
-  done
+  need_var_values "in config '$cfg'" "${kvs[@]}"
 done
 here=$(cd "$(dirname "$0")" && pwd)
 read -r -a gpus <<< "${GPUS:-}"

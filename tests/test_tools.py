@@ -824,6 +824,7 @@ def sweep(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess
     scripts = tmp_path / "scripts"
     scripts.mkdir(exist_ok=True)
     (scripts / "ttt_sweep.sh").write_text((REPO / "scripts" / "ttt_sweep.sh").read_text())
+    (scripts / "args.bash").write_text((REPO / "scripts" / "args.bash").read_text())
     (scripts / "bench.sh").write_text(FAKE_BENCH)
     full = script_env(BENCH_RUNS=str(tmp_path / "runs"), **env)
     return subprocess.run(["bash", str(scripts / "ttt_sweep.sh"), *args], env=full, capture_output=True,
@@ -887,6 +888,7 @@ def test_long_val_timing_builds_a_prefix_val_shard_and_runs_the_eval(tmp_path):
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     (scripts / "long_val_timing.sh").write_text((REPO / "scripts" / "long_val_timing.sh").read_text())
+    (scripts / "args.bash").write_text((REPO / "scripts" / "args.bash").read_text())
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "shard_io.py").write_text((REPO / "data" / "shard_io.py").read_text())
     (scripts / "bench.sh").write_text(FAKE_BENCH)
