@@ -1258,7 +1258,7 @@ class Trainer:
         """Train until ITERATIONS or the wall clock; EMA every step; recurrence from RECUR_START_STEP."""
         h, rt, clock, base = self.h, self.rt, self.clock, self.base
         self.ema = [t.detach().float().clone() for t in base.state_dict().values()]
-        res, clk = TrainResult(), _LoopClock(clock, rt.device)
+        clk = _LoopClock(clock, rt.device)
         stop_after, step, recur_at, pending = None, 0, None, None
         while True:
             if base.recur_layers and not base.recurrence_active and step >= h.recur_start_step:
@@ -1294,11 +1294,11 @@ class Trainer:
                 ms = clk.ms()
                 log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {ms / 60000:.1f}m "
                     f"tok/s: {tok_per_s(step, ms, h):.0f}")
-        return self.summarize(res, step, clk.ms(), recur_at)
+        return self.summarize(step, clk.ms(), recur_at)
 
-    def summarize(self, res: TrainResult, step: int, train_ms: float, recur_at) -> TrainResult:
+    def summarize(self, step: int, train_ms: float, recur_at) -> TrainResult:
         h, rt = self.h, self.rt
-        res.steps, res.train_ms, res.tok_s = step, train_ms, tok_per_s(step, train_ms, h)
+        res = TrainResult(steps=step, train_ms=train_ms, tok_s=tok_per_s(step, train_ms, h))
         if recur_at is not None and recur_at[0] > 0:
             res.tok_s_pre_recur = tok_per_s(recur_at[0], recur_at[1], h)
             res.tok_s_post_recur = tok_per_s(step - recur_at[0], train_ms - recur_at[1], h)
@@ -1547,6 +1547,12 @@ class Quantizer:
                 f"so GPTQ quantizes nothing (int6:0) and the artifact is mostly fp16; lower QUANT_MIN_NUMEL "
                 f"for a small model")
 
+    def alone(self) -> "Quantizer":
+        """The same quantizer run by this rank alone (every matrix, no collectives): the size fit's."""
+        q = copy.copy(self)
+        q.rt = self.rt.alone()
+        return q
+
     def quantize(self, sigmas: float | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
         """Returns (tensors, meta): NAME.q/NAME.scale for quantized tensors, NAME for fp16 ones."""
         h = self.h
@@ -1660,7 +1666,7 @@ def dequantize_state_dict(tensors: dict[str, Tensor], meta: dict[str, dict],
 ARTIFACT_MAGIC = b"PGOLF1"
 CONTAINER_MAGIC = b"PGQT"
 SHUFFLE_MAGIC = b"BSHF"
-CODECS = {"brotli": 0}  # codec byte of the artifact header
+BROTLI_CODEC_ID = 0  # the codec byte of the artifact header (earlier versions also wrote 1 = lzma)
 _DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
            "int64": torch.int64, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -1734,33 +1740,32 @@ def byte_unshuffle(data: bytes) -> bytes:
     return out.tobytes()
 
 
-def compress(data: bytes, codec: str = "brotli") -> bytes:
+def compress(data: bytes) -> bytes:
     import brotli
     return brotli.compress(data, quality=11)
 
 
-def decompress(data: bytes, codec: str = "brotli") -> bytes:
+def decompress(data: bytes) -> bytes:
     import brotli
     try:
         return brotli.decompress(data)
-    except Exception as e:  # brotli.error / LZMAError on truncated or corrupt input
-        raise ArtifactError(f"artifact does not decompress with {codec} ({type(e).__name__}: {e}): "
+    except Exception as e:  # brotli.error on truncated or corrupt input
+        raise ArtifactError(f"artifact does not decompress with brotli ({type(e).__name__}: {e}): "
                             f"truncated or corrupt") from None
 
 
-def serialize_artifact(tensors: dict[str, Tensor], meta: dict, extra: dict, codec: str = "brotli") -> bytes:
-    return ARTIFACT_MAGIC + bytes([CODECS[codec]]) + compress(byte_shuffle(pack_container(tensors, meta, extra)), codec)
+def serialize_artifact(tensors: dict[str, Tensor], meta: dict, extra: dict) -> bytes:
+    return ARTIFACT_MAGIC + bytes([BROTLI_CODEC_ID]) + compress(byte_shuffle(pack_container(tensors, meta, extra)))
 
 
 def deserialize_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict, dict]:
     if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
         raise ArtifactError(f"{source} is not a parameter-golf artifact of this script (bad magic)")
     codec_id = blob[len(ARTIFACT_MAGIC)] if len(blob) > len(ARTIFACT_MAGIC) else -1
-    codec = {v: k for k, v in CODECS.items()}.get(codec_id)
-    if codec is None:
+    if codec_id != BROTLI_CODEC_ID:
         raise ArtifactError(f"{source} names an unknown codec {codec_id}: truncated or corrupt")
     try:
-        return unpack_container(byte_unshuffle(decompress(blob[len(ARTIFACT_MAGIC) + 1:], codec)))
+        return unpack_container(byte_unshuffle(decompress(blob[len(ARTIFACT_MAGIC) + 1:])))
     except ArtifactError as e:
         raise ArtifactError(f"{source}: {e}") from None
 
@@ -2254,6 +2259,7 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
              use_etlb: bool, trace=None, meter: BpbMeter | None = None,
              use_ngram: bool = False) -> tuple[float, float]:
     """Legal score-first TTT on the dequantized model: SGD on every weight, cosine lr over chunks."""
+    tokens = tokens.to(rt.device)  # once: the tilt's hints and the scoring loop read the same copy
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -2261,7 +2267,7 @@ def eval_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: 
                      make_opt=lambda ps: torch.optim.SGD(ps, lr=h.ttt_lr, momentum=h.ttt_momentum),
                      lr_at=functools.partial(ttt_lr_at, h), batch_seqs=h.ttt_batch_seqs,
                      per_rank=h.ttt_chains == "rank", label=mode_label(True, use_etlb, use_ngram))
-    adapters = EvalAdapters.build(h, rt, tokens.to(rt.device), use_etlb, use_ngram)
+    adapters = EvalAdapters.build(h, rt, tokens, use_etlb, use_ngram)
     return score_first_adapt(h, rt, model, tokens, luts, plan, adapters, trace=trace, meter=meter)
 
 
@@ -2413,12 +2419,13 @@ def build_artifact(ctx: RunContext, model: GPT, hessians: dict[str, Tensor]) -> 
     h, rt = ctx.h, ctx.rt
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     extra = {"shape": {k: getattr(h, k) for k in SHAPE_FIELDS}, "recurrence_active": model.recurrence_active}
+    quantizer = Quantizer(h, rt, sd, hessians)
     with ctx.timer.stage("gptq", evaluation=h.pre_quant_ttt):  # after pre-quant TTT, GPTQ is eval time
-        quantized = Quantizer(h, rt, sd, hessians).quantize()
+        quantized = quantizer.quantize()
     log(f"Code size: {ctx.code_bytes} bytes (self-extracting LZMA wrapper of train_gpt.py)")
     if rt.is_main:
         with ctx.timer.stage("serialize"):
-            blob = fit_artifact(h, Quantizer(h, rt.alone(), sd, hessians), quantized, ctx.code_bytes, extra)
+            blob = fit_artifact(h, quantizer.alone(), quantized, ctx.code_bytes, extra)
         Path(h.artifact_path).write_bytes(blob)
     if rt.distributed:
         dist.barrier()

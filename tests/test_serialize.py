@@ -20,7 +20,6 @@ import train_gpt as tg
 from conftest import TINY, perturbed_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-CODECS = ["brotli"]
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -50,11 +49,10 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].contiguous().reshape(-1).view(torch.uint8)), k
 
 
-@pytest.mark.parametrize("codec", CODECS)
-def test_round_trip_is_exact(codec):
+def test_round_trip_is_exact():
     t = sample_tensors()
-    blob = tg.serialize_artifact(t, META, EXTRA, codec)
-    assert blob[:6] == tg.ARTIFACT_MAGIC and blob[6] == tg.CODECS[codec]
+    blob = tg.serialize_artifact(t, META, EXTRA)
+    assert blob[:6] == tg.ARTIFACT_MAGIC and blob[6] == tg.BROTLI_CODEC_ID
     t2, meta2, extra2 = tg.deserialize_artifact(blob)
     assert_same_tensors(t, t2)
     assert meta2 == META and extra2 == EXTRA
@@ -62,16 +60,15 @@ def test_round_trip_is_exact(codec):
 
 def test_round_trip_non_contiguous_input():
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    t2, _, _ = tg.deserialize_artifact(tg.serialize_artifact({"t": base.T}, {}, {}, "brotli"))
+    t2, _, _ = tg.deserialize_artifact(tg.serialize_artifact({"t": base.T}, {}, {}))
     assert torch.equal(t2["t"], base.T)
 
 
-@pytest.mark.parametrize("codec", CODECS)
-def test_serialization_is_deterministic(codec):
-    a = tg.serialize_artifact(sample_tensors(), META, EXTRA, codec)
+def test_serialization_is_deterministic():
+    a = tg.serialize_artifact(sample_tensors(), META, EXTRA)
     # same content, dicts built in another insertion order
     t = dict(reversed(list(sample_tensors().items())))
-    b = tg.serialize_artifact(t, dict(reversed(list(META.items()))), dict(reversed(list(EXTRA.items()))), codec)
+    b = tg.serialize_artifact(t, dict(reversed(list(META.items()))), dict(reversed(list(EXTRA.items()))))
     assert a == b
 
 
@@ -108,15 +105,14 @@ def expect_artifact_error(blob: bytes, *fragments: str) -> str:
     pytest.fail("corrupt artifact was accepted")
 
 
-@pytest.mark.parametrize("codec", CODECS)
-def test_truncated_artifact(codec):
-    blob = tg.serialize_artifact(sample_tensors(), META, EXTRA, codec)
+def test_truncated_artifact():
+    blob = tg.serialize_artifact(sample_tensors(), META, EXTRA)
     for k in (0, 3, 6, 7, 8, 20, len(blob) // 2, len(blob) - 5, len(blob) - 1):
         expect_artifact_error(blob[:k])
 
 
 def test_flipped_magic_and_codec():
-    blob = bytearray(tg.serialize_artifact(sample_tensors(), META, EXTRA, "brotli"))
+    blob = bytearray(tg.serialize_artifact(sample_tensors(), META, EXTRA))
     for i in range(6):
         b = bytearray(blob)
         b[i] ^= 0x20
@@ -141,16 +137,15 @@ def test_foreign_files(tmp_path):
     expect_artifact_error(buf.getvalue(), "bad magic")
     expect_artifact_error(pickle.dumps({"w": 1}), "bad magic")
     # a payload that decompresses but is not a shuffled container, or a shuffled non-container
-    for codec in CODECS:
-        expect_artifact_error(tg.ARTIFACT_MAGIC + bytes([tg.CODECS[codec]]) + tg.compress(b"hello", codec), "shuffle")
-        expect_artifact_error(tg.ARTIFACT_MAGIC + bytes([tg.CODECS[codec]]) +
-                              tg.compress(tg.byte_shuffle(b"hello world"), codec), "PGQT")
+    expect_artifact_error(tg.ARTIFACT_MAGIC + bytes([tg.BROTLI_CODEC_ID]) + tg.compress(b"hello"), "shuffle")
+    expect_artifact_error(tg.ARTIFACT_MAGIC + bytes([tg.BROTLI_CODEC_ID]) +
+                          tg.compress(tg.byte_shuffle(b"hello world")), "PGQT")
     with pytest.raises(tg.ArtifactError, match="nope.ptz"):
         tg.read_artifact(str(tmp_path / "nope.ptz"))
 
 
-def wrap_container(container: bytes, codec: str = "brotli") -> bytes:
-    return tg.ARTIFACT_MAGIC + bytes([tg.CODECS[codec]]) + tg.compress(tg.byte_shuffle(container), codec)
+def wrap_container(container: bytes) -> bytes:
+    return tg.ARTIFACT_MAGIC + bytes([tg.BROTLI_CODEC_ID]) + tg.compress(tg.byte_shuffle(container))
 
 
 def container(head: object, data: bytes = b"") -> bytes:
@@ -203,7 +198,7 @@ def test_loader_never_unpickles(tmp_path, monkeypatch, rt_cpu):
     monkeypatch.setattr(torch, "load", boom)
     h = dataclasses.replace(TINY, vocab_size=64)
     blobs = [payload, tbuf.getvalue(), tg.ARTIFACT_MAGIC + b"\x00" + tg.compress(payload),
-             wrap_container(payload), wrap_container(tbuf.getvalue(), "brotli")]
+             wrap_container(payload), wrap_container(tbuf.getvalue())]
     for blob in blobs:
         expect_artifact_error(blob)
         with pytest.raises(tg.ArtifactError):
@@ -224,7 +219,7 @@ def tiny_artifact(dataset):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors, meta = tg.quantize_state_dict(h, rt, sd, {})
     extra = {"shape": {k: getattr(h, k) for k in tg.SHAPE_FIELDS}, "recurrence_active": True}
-    return h, rt, tensors, meta, tg.serialize_artifact(tensors, meta, extra, "brotli")
+    return h, rt, tensors, meta, tg.serialize_artifact(tensors, meta, extra)
 
 
 def test_load_model_from_artifact(tiny_artifact):
@@ -318,8 +313,8 @@ def test_wrapper_imports_as_the_same_program(wrapper):
     assert public <= set(vars(mod))
     # same behaviour: the packed pure functions agree with the original
     assert mod.plan_windows(1000, 128, 32) == tg.plan_windows(1000, 128, 32)
-    blob = mod.serialize_artifact(sample_tensors(), META, EXTRA, "brotli")
-    assert blob == tg.serialize_artifact(sample_tensors(), META, EXTRA, "brotli")
+    blob = mod.serialize_artifact(sample_tensors(), META, EXTRA)
+    assert blob == tg.serialize_artifact(sample_tensors(), META, EXTRA)
     assert mod.__doc__ is None  # docstrings and comments are stripped from the counted code
 
 
