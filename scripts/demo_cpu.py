@@ -24,7 +24,6 @@ tail of its output is printed), 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -39,6 +38,8 @@ from collections import deque
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from summarize_logs import source_fields  # noqa: E402  (the settings of a train_gpt.py source)
 BUILD_SHARDS = REPO / "data" / "build_shards.py"
 TRAIN_GPT = REPO / "train_gpt.py"
 VAL_EVERY = 10  # every 10th document (indices 9, 19, ...) goes to validation
@@ -227,14 +228,10 @@ def setting_names(script: Path) -> set[str]:
     """The environment variable names of train_gpt.py's settings (its Hyperparameters fields), read
     with ast so that nothing is imported; empty if the class cannot be found."""
     try:
-        tree = ast.parse(script.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError):
+        text = script.read_text(encoding="utf-8")
+    except OSError:
         return set()
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Hyperparameters":
-            return {st.target.id.upper() for st in node.body
-                    if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)}
-    return set()
+    return {name.upper() for name in source_fields(text) or ()}
 
 
 def threads() -> int:

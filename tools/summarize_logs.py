@@ -731,7 +731,7 @@ def source_fields(source: str) -> set[str] | None:
     """Every Hyperparameters field name of a train_gpt.py source (None: no such class, e.g. a packed wrapper)."""
     try:
         tree = ast.parse(source)
-    except SyntaxError:
+    except (SyntaxError, ValueError):  # ValueError: null bytes
         return None
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "Hyperparameters":
