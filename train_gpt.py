@@ -81,7 +81,7 @@ class Hyperparameters:
     run_id: str = ""
     # --- training length and batch
     iterations: int = 20000
-    warmdown_frac: float = 0.667
+    warmdown_frac: float = 0.85
     warmup_steps: int = 20  # compile warm-up steps (normal and recurrent graphs); the state is restored after
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
@@ -89,7 +89,7 @@ class Hyperparameters:
     train_log_every: int = 500
     val_loss_every: int = 4000
     # --- model
-    vocab_size: int = 4096
+    vocab_size: int = 8192
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
@@ -99,22 +99,30 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     rope_dims: int = 16
     ve_dim: int = 128
-    ve_layers: str = "9,10"  # empty: no value embeddings
+    ve_layers: str = ""  # value embeddings on these layers (PR #1285: 9,10); empty: none
     qk_gain_init: float = 5.0
-    recur_layers: str = "4,5"
-    recur_start_step: int = 3000
+    num_loops: int = 2  # extra passes over layers LOOP_START..LOOP_END once looping is on; 0: no loop
+    loop_start: int = 3
+    loop_end: int = 5
+    enable_looping_at: float = 0.35  # fraction of training (wall clock, or steps without a cap)
+    parallel_start_layer: int = 8  # two residual lanes (attention, MLP) from this layer; 0: off
+    smear_gate_enabled: bool = True  # add a gated previous-token embedding (never across a BOS)
+    sparse_attn_gate_enabled: bool = True  # per-head sigmoid gate on attention output
+    sparse_attn_gate_scale: float = 0.5
+    gate_window: int = 12  # input dims the smear and attention gates read
     # --- optimizer
-    matrix_lr: float = 0.02
+    matrix_lr: float = 0.026
     scalar_lr: float = 0.02
     tied_embed_lr: float = 0.03
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.97
     muon_momentum_warmup_steps: int = 1500
-    muon_wd: float = 0.090
-    embed_wd: float = 0.090
+    muon_wd: float = 0.095
+    embed_wd: float = 0.085
     adam_wd: float = 0.02
-    beta2: float = 0.95
+    beta2: float = 0.99
     grad_clip_norm: float = 0.3
-    ema_decay: float = 0.997
+    min_lr: float = 0.10  # warm-down floor, a fraction of each learning rate
+    ema_decay: float = 0.9965
     # --- quantization and artifact
     gptq_calibration_batches: int = 64
     gptq_reserve_seconds: float = 10.0
@@ -177,8 +185,13 @@ class Hyperparameters:
         return os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
 
     @property
-    def recur_layer_list(self) -> list[int]:
-        return parse_int_list(self.recur_layers, "RECUR_LAYERS")
+    def loop_order(self) -> list[int]:
+        """Physical block at each depth position once looping is on: 0..LOOP_END, the loop segment
+        NUM_LOOPS more times, the rest. Records: [0,1,2,3,4,5,3,4,5,3,4,5,6,..,10] (17 layers)."""
+        if self.num_loops <= 0:
+            return list(range(self.num_layers))
+        seg = list(range(self.loop_start, self.loop_end + 1))
+        return list(range(self.loop_end + 1)) + seg * self.num_loops + list(range(self.loop_end + 1, self.num_layers))
 
     @property
     def ve_layer_list(self) -> list[int]:
@@ -220,7 +233,8 @@ def _check_signs(h: Hyperparameters) -> None:
                 "pre_quant_ttt_chunk", "artifact_limit_bytes"]
     nonneg = ["warmup_steps", "train_log_every", "val_loss_every", "max_wallclock_seconds",
               "gptq_calibration_batches", "gptq_reserve_seconds", "ttt_epochs", "pre_quant_ttt_epochs",
-              "recur_start_step", "muon_momentum_warmup_steps", "grad_clip_norm", "xsa_last_n",
+              "num_loops", "muon_momentum_warmup_steps", "grad_clip_norm", "xsa_last_n", "gate_window",
+              "parallel_start_layer", "sparse_attn_gate_scale",
               "ttt_batch_seqs", "ngram_prior", "quant_min_numel"]
     for n in positive:
         if getattr(h, n) <= 0:
@@ -231,8 +245,9 @@ def _check_signs(h: Hyperparameters) -> None:
     for n in ["ema_decay", "beta2"]:
         if not 0.0 <= getattr(h, n) < 1.0:
             _bad(h, n.upper(), "must be in [0, 1)")
-    if not 0.0 <= h.warmdown_frac <= 1.0:
-        _bad(h, "WARMDOWN_FRAC", "must be in [0, 1]")
+    for n in ["warmdown_frac", "min_lr", "enable_looping_at"]:
+        if not 0.0 <= getattr(h, n) <= 1.0:
+            _bad(h, n.upper(), "must be in [0, 1]")
 
 
 def _check_shape(h: Hyperparameters) -> None:
@@ -252,10 +267,16 @@ def _check_shape(h: Hyperparameters) -> None:
         _bad(h, "XSA_LAST_N", f"at most NUM_LAYERS={h.num_layers}")
     if h.ve_layer_list and h.ve_dim <= 0:
         _bad(h, "VE_DIM", "must be positive when VE_LAYERS lists layers")
-    for n in ["recur_layers", "ve_layers"]:
-        for i in parse_int_list(getattr(h, n), n.upper()):
-            if not 0 <= i < h.num_layers:
-                _bad(h, n.upper(), f"layer {i} is outside [0, NUM_LAYERS={h.num_layers})")
+    for i in h.ve_layer_list:
+        if not 0 <= i < h.num_layers:
+            _bad(h, "VE_LAYERS", f"layer {i} is outside [0, NUM_LAYERS={h.num_layers})")
+    if h.num_loops > 0 and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
+        _bad(h, "LOOP_END" if h.loop_start >= 0 else "LOOP_START",
+             f"need 0 <= LOOP_START={h.loop_start} <= LOOP_END <= NUM_LAYERS-1={h.num_layers - 1}")
+    if h.parallel_start_layer >= h.num_layers:
+        _bad(h, "PARALLEL_START_LAYER", f"must be below NUM_LAYERS={h.num_layers} (0 turns the lanes off)")
+    if (h.smear_gate_enabled or h.sparse_attn_gate_enabled) and not 1 <= h.gate_window <= h.model_dim:
+        _bad(h, "GATE_WINDOW", f"must be in [1, MODEL_DIM={h.model_dim}]")
 
 
 def _check_lengths(h: Hyperparameters) -> None:
@@ -328,7 +349,7 @@ _OTHER_KNOWN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAS
 REMOVED_SETTINGS = {
     "EMBEDDING_DIM": "always MODEL_DIM", "TIE_EMBEDDINGS": "always tied", "SKIP_GATES_ENABLED": "always on",
     "ROPE_BASE": "fixed at 10000", "LN_SCALE": "always on", "VE_ENABLED": "use VE_LAYERS= (empty) to disable",
-    "TIED_EMBED_INIT_STD": "fixed at 0.005", "RECUR_WARMUP_STEPS": "always WARMUP_STEPS", "MIN_LR": "fixed at 0",
+    "TIED_EMBED_INIT_STD": "fixed at 0.005", "RECUR_WARMUP_STEPS": "always WARMUP_STEPS",
     "MUON_MOMENTUM_WARMUP_START": "fixed at 0.92", "MUON_BACKEND_STEPS": "fixed at 5", "BETA1": "fixed at 0.9",
     "ADAM_EPS": "fixed at 1e-8", "VAL_BATCH_TOKENS": "fixed at 524288", "GPTQ_ENABLED": "GPTQ always runs",
     "N_INT6_LAYERS": "every matrix is int6", "COMPRESSOR": "always brotli",
@@ -338,6 +359,8 @@ REMOVED_SETTINGS = {
     "TTT_GRAD_CLIP": "fixed at 1.0", "TTT_MIN_LR": "removed (measured worse)",
     "TTT_OPTIMIZER": "always SGD (AdamW and Muon measured worse)", "TTT_MUON_LR": "removed with TTT_OPTIMIZER",
     "TTT_FREEZE": "TTT adapts every weight",
+    "RECUR_LAYERS": "use LOOP_START, LOOP_END and NUM_LOOPS (PR #1285's 4,5: LOOP_START=4 LOOP_END=5 NUM_LOOPS=1)",
+    "RECUR_START_STEP": "use ENABLE_LOOPING_AT, a fraction of training",
 }
 
 
@@ -786,14 +809,20 @@ def eval_val(h: Hyperparameters, rt: Runtime, model, val_tokens: Tensor, luts: B
 
 # =============================================================================
 # MODEL
-# PR #1285: tok_emb -> RMSNorm -> 11 blocks (4,5 repeated once recurrence is on) with gated
-# U-Net skips -> RMSNorm -> tied head with a 30*tanh(z/30) softcap. Attention: q/k RMSNorm,
-# RoPE on the first 16 of 64 dims, per-head q gain, XSA (each head's output loses its
-# component along its own value vector), value embeddings added to V on layers 9, 10.
+# tok_emb (+ SmearGate: a gated previous-token embedding, zero at BOS) -> RMSNorm -> 11 blocks
+# with gated U-Net skips -> RMSNorm -> tied head with a 30*tanh(z/30) softcap. Once looping is
+# on, layers LOOP_START..LOOP_END run NUM_LOOPS more times (records: 3-5 twice more, 17 virtual
+# layers); the skips pair the first and second half of that order. From PARALLEL_START_LAYER
+# the decoder keeps two residual lanes (attention reads lane 0, the MLP lane 1; learned mixes
+# write both; the output is their mean). Attention: q/k RMSNorm, RoPE on the first 16 of 64
+# dims, per-head q gain, XSA (each head's output loses its component along its own value
+# vector), a sparse per-head output gate reading GATE_WINDOW input dims; optional value
+# embeddings added to V (PR #1285: layers 9, 10).
 # =============================================================================
 
 CONTROL_TENSOR_NAME_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights",
-                                "skip_gates", "ve_layer_scales", "ve_shared.scale")
+                                "skip_gates", "ve_layer_scales", "ve_shared.scale", "attn_gate_w",
+                                "smear_gate", "smear_lambda", "parallel_post_lambdas", "parallel_resid_lambdas")
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -862,6 +891,10 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(h.rope_dims, ROPE_BASE, h.train_seq_len, max(h.train_seq_len, h.eval_seq_len))
         self.use_xsa = use_xsa
+        self.gate_window, self.gate_scale = h.gate_window, h.sparse_attn_gate_scale
+        # zero init: every head's gate starts at sigmoid(0) = 0.5
+        self.attn_gate_w = (nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
+                            if h.sparse_attn_gate_enabled else None)
 
     def forward(self, x: Tensor, v_embed: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
@@ -879,6 +912,9 @@ class CausalSelfAttention(nn.Module):
             yg = y.reshape(B, T, self.num_kv_heads, g, self.head_dim)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.num_heads, self.head_dim)
+        if self.attn_gate_w is not None:  # sparse output gate: sigmoid per (token, head)
+            g = F.linear(x[..., :self.gate_window], self.attn_gate_w.to(x.dtype))
+            y = y * torch.sigmoid(self.gate_scale * g)[..., None]
         return self.proj(y.reshape(B, T, C))
 
 
@@ -911,6 +947,19 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale_factor, v_embed)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale_factor)
 
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, v_embed: Tensor | None,
+                      resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        """Parallel residual: attention reads lane 0 (mixed with x0), the MLP reads lane 1; both
+        outputs go to both lanes through the learned post[out, lane] and resid[lane] weights."""
+        mix = self.resid_mix.to(lane0.dtype)
+        a = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.ln_scale_factor, v_embed)
+        a = self.attn_scale.to(a.dtype) * a
+        m = self.mlp_scale.to(a.dtype) * self.mlp(rms_norm(lane1) * self.ln_scale_factor)
+        resid, post = resid.to(a.dtype), post.to(a.dtype)
+        lane0 = resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m
+        lane1 = resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
+        return lane0, lane1
+
 
 class ValueEmbedding(nn.Module):
     def __init__(self, h: Hyperparameters):
@@ -930,13 +979,23 @@ class GPT(nn.Module):
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.blocks = nn.ModuleList([Block(h, i) for i in range(h.num_layers)])
-        n_skip = min(h.num_layers // 2, h.num_layers - h.num_layers // 2)
+        self.loop_order = h.loop_order  # the depth order once looping is on
+        self.loops = h.num_loops > 0
+        n_skip = len(self.loop_order) // 2  # the skip weights pair the halves of the looped order
         self.skip_weights = nn.Parameter(torch.ones(n_skip, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(n_skip, h.model_dim))
         self.ve_layers = h.ve_layer_list
         self.ve_shared = ValueEmbedding(h) if self.ve_layers else None
         self.ve_layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in self.ve_layers])
-        self.recur_layers = h.recur_layer_list
+        self.parallel_start = h.parallel_start_layer if h.parallel_start_layer > 0 else h.num_layers
+        n_par = h.num_layers - self.parallel_start
+        self.parallel_post_lambdas = nn.Parameter(torch.ones(n_par, 2, 2)) if n_par else None
+        self.parallel_resid_lambdas = nn.Parameter(torch.full((n_par, 2), 1.1)) if n_par else None
+        self.smear_gate = None
+        if h.smear_gate_enabled:  # zero init: the smear starts at exactly nothing
+            self.smear_gate = CastedLinear(h.gate_window, 1, bias=False)
+            self.smear_gate._zero_init = True
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.recurrence_active = False
         if init_weights:  # off when every weight is about to be loaded (the orthogonal init's QRs cost seconds)
             self._init_weights(h)
@@ -954,32 +1013,43 @@ class GPT(nn.Module):
                     nn.init.orthogonal_(m.weight, gain=1.0)
 
     def virtual_layers(self) -> list[int]:
-        """Physical block index at each depth position: [0..5, 4, 5, 6..10] with recurrence."""
-        n = len(self.blocks)
-        if not (self.recurrence_active and self.recur_layers):
-            return list(range(n))
-        cut = max(self.recur_layers) + 1
-        return list(range(cut)) + self.recur_layers + list(range(cut, n))
+        """Physical block index at each depth position: the looped order once looping is on."""
+        return self.loop_order if self.recurrence_active else list(range(len(self.blocks)))
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token embedding plus SmearGate's lambda*sigmoid(w.x_t[:window])*x_{t-1}, masked where
+        token t is BOS, so that a document's first position never sees the previous document."""
+        x = self.tok_emb(ids)
+        if self.smear_gate is None:
+            return x
+        g = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :self.smear_gate.in_features]))
+        keep = (ids[:, 1:] != BOS_ID).to(x.dtype).unsqueeze(-1)
+        return torch.cat((x[:, :1], x[:, 1:] + g * keep * x[:, :-1]), dim=1)
 
     def forward_hidden(self, ids: Tensor) -> Tensor:
-        x = rms_norm(self.tok_emb(ids))
-        x0 = x
+        x = rms_norm(self.embed(ids))
+        x0, lane1 = x, None
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         v2p = self.virtual_layers()
-        n_enc, n_skip = len(v2p) // 2, self.skip_weights.size(0)
+        n_enc = len(v2p) // 2
         skips: list[Tensor] = []
         for vi, pi in enumerate(v2p):
             if vi >= n_enc and skips:
-                k = min(vi - n_enc, n_skip - 1)  # the record reuses the last skip weight
+                k = vi - n_enc
                 s = self.skip_weights[k].to(x.dtype) * skips.pop()
                 x = torch.lerp(s, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
             v_embed = None
             if pi in self.ve_layers:
                 v_embed = ve * self.ve_layer_scales[self.ve_layers.index(pi)].to(ve.dtype)
-            x = self.blocks[pi](x, x0, v_embed)
+            if vi >= n_enc and pi >= self.parallel_start:  # x is lane 0 from here
+                j = pi - self.parallel_start
+                x, lane1 = self.blocks[pi].forward_lanes(x, x if lane1 is None else lane1, x0, v_embed,
+                                                         self.parallel_resid_lambdas[j], self.parallel_post_lambdas[j])
+            else:
+                x = self.blocks[pi](x, x0, v_embed)
             if vi < n_enc:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
     def logits(self, hidden: Tensor) -> Tensor:
         z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
@@ -1013,21 +1083,32 @@ def build_model(h: Hyperparameters, rt: Runtime, init_weights: bool = True) -> G
 
 # =============================================================================
 # OPTIMIZER
-# MuonEq-R for the 67 matrices (row-normalise, then Newton-Schulz 5), AdamW for the
-# embeddings and for the scalar/control parameters. Muon work is split across ranks by
+# MuonEq-R for the block matrices (row-normalise, then 5 Newton-Schulz steps with the Polar
+# Express coefficients; momentum 0.92 -> MUON_MOMENTUM), AdamW for the embeddings and for the
+# scalar/control parameters (gates and lane mixes included). Warm-down to a MIN_LR floor. Muon work is split across ranks by
 # parameter index and gathered with one all-reduce of a flat buffer.
 # =============================================================================
 
 
+# Polar Express (Amsel et al. 2025): one minimax-optimal (a, b, c) per Newton-Schulz iteration, as
+# the 04-23 record; the fixed (3.4445, -4.7750, 2.0315) of earlier records converges more slowly.
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Batched NS5 on (..., rows, cols) in bf16: an approximate polar factor."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    """Batched Newton-Schulz on (..., rows, cols) in bf16 with the Polar Express coefficients
+    (the last tuple repeats past five steps): an approximate polar factor."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
@@ -1138,10 +1219,10 @@ class Optimizers:
 
 
 def lr_scale(frac: float, h: Hyperparameters) -> float:
-    """1 until 1-WARMDOWN_FRAC of the run, then linear to 0 at the end."""
+    """1 until 1-WARMDOWN_FRAC of the run, then linear down to the MIN_LR floor at the end."""
     if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
         return 1.0
-    return max((1.0 - frac) / h.warmdown_frac, 0.0)
+    return max((1.0 - frac) / h.warmdown_frac, h.min_lr)
 
 
 def muon_momentum_at(step: int, h: Hyperparameters) -> float:
@@ -1152,8 +1233,8 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 # =============================================================================
 # TRAINING
 # Compile warm-up (normal and recurrent graphs) with the initial state restored afterwards,
-# then the timed loop: wall-clock warmdown, EMA every step, recurrence switched on at
-# RECUR_START_STEP. The loop never waits for the GPU on the step it just queued: the NaN
+# then the timed loop: wall-clock warmdown, EMA every step, looping switched on at the
+# ENABLE_LOOPING_AT fraction of training. The loop never waits for the GPU on the step it just queued: the NaN
 # check and the all-reduced stop decision of step s are read after step s+1 is queued.
 # GPTQ Hessians are collected from training data inside the wall-clock budget.
 # =============================================================================
@@ -1205,7 +1286,9 @@ class Trainer:
         self.model = maybe_compile(self.base, h, rt)
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False)
+            # before looping starts, the skip weights of the looped order's extra pairs get no gradient
+            self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False,
+                             find_unused_parameters=self.base.loops)
         self.opts = Optimizers(h, self.base, rt, compile_ns=h.compile and rt.is_cuda)
         self.loader = new_train_loader(h)
         self.max_ms = None
@@ -1236,7 +1319,7 @@ class Trainer:
             return
         init_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         init_opt = self.opts.state_dict()
-        phases = [("warmup_step", False)] + ([("recur_warmup_step", True)] if base.recur_layers else [])
+        phases = [("warmup_step", False)] + ([("recur_warmup_step", True)] if base.loops else [])
         for name, recurrent in phases:
             base.recurrence_active = recurrent
             for i in range(h.warmup_steps):
@@ -1249,21 +1332,26 @@ class Trainer:
         self.opts.zero_grad()
         self.loader = new_train_loader(h)
 
-    def activate_recurrence(self, step: int) -> None:
+    def activate_recurrence(self, step: int, frac: float) -> None:
         self.base.recurrence_active = True
-        log(f"recurrence:activated step:{step} layers:{self.base.recur_layers} "
-            f"virtual_layers:{len(self.base.virtual_layers())}")
+        h = self.h
+        log(f"recurrence:activated step:{step} frac:{frac:.3f} layers:{h.loop_start}-{h.loop_end} "
+            f"loops:{h.num_loops} virtual_layers:{len(self.base.virtual_layers())}")
+
+    def frac(self, step: int, ms: float) -> float:
+        """Training progress in [0, 1]: wall clock against the cap, or steps without a cap."""
+        return ms / self.max_ms if self.max_ms else step / max(self.h.iterations, 1)
 
     def loop(self, val_tokens: Tensor, luts: "ByteLuts") -> TrainResult:
-        """Train until ITERATIONS or the wall clock; EMA every step; recurrence from RECUR_START_STEP."""
+        """Train until ITERATIONS or the wall clock; EMA every step; looping from ENABLE_LOOPING_AT."""
         h, rt, clock, base = self.h, self.rt, self.clock, self.base
         self.ema = [t.detach().float().clone() for t in base.state_dict().values()]
         clk = _LoopClock(clock, rt.device)
         stop_after, step, recur_at, pending = None, 0, None, None
         while True:
-            if base.recur_layers and not base.recurrence_active and step >= h.recur_start_step:
+            if base.loops and not base.recurrence_active and self.frac(step, clk.ms()) >= h.enable_looping_at:
                 recur_at = (step, clk.synced_ms())
-                self.activate_recurrence(step)
+                self.activate_recurrence(step, self.frac(step, recur_at[1]))
             last = step == h.iterations or (stop_after is not None and step >= stop_after)
             if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
                 if pending is not None and _diverged_or_capped(pending) and stop_after is None:
@@ -1276,8 +1364,7 @@ class Trainer:
                 if stop_after is not None and step < h.iterations:
                     log(f"stopping_early: wallclock_cap train_time: {clk.ms():.0f}ms step: {step}/{h.iterations}")
                 break
-            frac = clk.ms() / self.max_ms if self.max_ms else step / max(h.iterations, 1)
-            loss = self.step(step, lr_scale(frac, h))
+            loss = self.step(step, lr_scale(self.frac(step, clk.ms()), h))
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [t.detach().float() for t in base.state_dict().values()],
                                      1.0 - h.ema_decay)
@@ -1366,7 +1453,8 @@ def train_model(h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts: "Byte
     """Warm up, train inside the wall clock, apply the EMA, collect GPTQ Hessians (inside the budget)."""
     trainer = Trainer(h, rt, clock)
     log(f"model_params:{sum(p.numel() for p in trainer.base.parameters())}")
-    log(f"recurrence: layers={trainer.base.recur_layers} start_step={h.recur_start_step} active=0")
+    log(f"recurrence: layers={h.loop_start}-{h.loop_end} loops={h.num_loops} at_frac={h.enable_looping_at} "
+        f"virtual_layers={len(h.loop_order)} parallel_start_layer={h.parallel_start_layer} active=0")
     if trainer.max_ms is not None:
         log(f"gptq:reserving {h.gptq_reserve_seconds:.0f}s, effective={trainer.max_ms:.0f}ms")
     warning = ema_warning(h.ema_decay, h.iterations)
@@ -1795,7 +1883,9 @@ def model_from_decoded(h: Hyperparameters, rt: Runtime, decoded: tuple[dict[str,
 
 
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "ve_dim",
-                "ve_layers", "recur_layers", "rope_dims", "xsa_last_n", "logit_softcap", "train_seq_len")
+                "ve_layers", "num_loops", "loop_start", "loop_end", "parallel_start_layer", "smear_gate_enabled",
+                "sparse_attn_gate_enabled", "sparse_attn_gate_scale", "gate_window", "rope_dims", "xsa_last_n",
+                "logit_softcap", "train_seq_len")
 
 WRAPPER_HEAD = "import lzma as L,base64 as B\n"
 
@@ -2536,7 +2626,7 @@ def cpu_memory_estimate(h: Hyperparameters) -> float:
     """Bytes to train one micro-batch in fp32: activations kept for backward (per virtual layer,
     about 12 model-width and 3 MLP-width vectors per token; the logits, 4 vocabulary-width)."""
     tokens = h.train_batch_tokens // 8
-    layers = h.num_layers + len(h.recur_layer_list)
+    layers = len(h.loop_order)
     per_token = layers * (12 + 3 * h.mlp_mult) * h.model_dim + 4 * h.vocab_size
     return 4.0 * tokens * per_token
 

@@ -1,6 +1,10 @@
 #!/bin/bash
 # The bench protocol, a 1-GPU proxy of the 8xH100 run (the default configuration, 241 steps):
 #   BENCH_DATA_DIR=DIR scripts/bench.sh NAME SEED [VAR=VALUE ...]
+# Only the length-dependent settings are scaled (steps, momentum warm-up, EMA horizon); looping
+# and warm-down are fractions of training, so they scale by themselves. The PR #1285 anchor's
+# protocol also set QK_GAIN_INIT=4.0 MUON_WD=0.090 EMBED_WD=0.090 (its record's values): pass
+# them as VAR=VALUE to rerun it.
 # BENCH_DATA_DIR is the bench data: a DATA_DIR holding datasets/ and tokenizers/. Everything the
 # run writes (logs/NAME.txt, the artifact, the checkpoint, console.txt) goes to
 # ${BENCH_RUNS:-/tmp/runs}/NAME. NPROC=4 runs the same protocol on 4 GPUs (same global batch:
@@ -22,8 +26,8 @@ code=${BENCH_CODE:-$(pwd)/train_gpt.py}
 [ -f "$code" ] || { echo "bench.sh: no train_gpt.py at $code (run from the project root or set BENCH_CODE)" >&2; exit 2; }
 dir=${BENCH_RUNS:-/tmp/runs}/$name
 mkdir -p "$dir" && cd "$dir" || exit 1
-env SEED="$seed" ITERATIONS=241 MAX_WALLCLOCK_SECONDS=0 RECUR_START_STEP=140 MUON_MOMENTUM_WARMUP_STEPS=70 \
-  EMA_DECAY=0.93 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 MUON_WD=0.090 EMBED_WD=0.090 QK_GAIN_INIT=4.0 \
+env SEED="$seed" ITERATIONS=241 MAX_WALLCLOCK_SECONDS=0 MUON_MOMENTUM_WARMUP_STEPS=70 \
+  EMA_DECAY=0.93 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
   DATA_DIR="$BENCH_DATA_DIR/" RUN_ID="$name" PYTHONUNBUFFERED=1 "$@" \
   torchrun --standalone --nproc_per_node="${NPROC:-1}" "$code" > console.txt 2>&1
 rc=$?

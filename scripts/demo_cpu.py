@@ -46,8 +46,9 @@ VAL_EVERY = 10  # every 10th document (indices 9, 19, ...) goes to validation
 RUN_ID = "demo"
 
 # The tiny preset, as train_gpt.py environment variables: a 4-block, 96-wide model that still has
-# every feature of the record (GQA, XSA on every block, partial RoPE, value embeddings, depth
-# recurrence of blocks 1,2 from step 45, skip gates), 90 steps of 4096 tokens (~370K tokens, about
+# every feature of the default (GQA, XSA on every block, partial RoPE, looping of blocks 1,2 from
+# step 45, skip gates, two residual lanes on block 3, SmearGate, the sparse attention gate; value
+# embeddings on blocks 2,3 as PR #1285 had them), 90 steps of 4096 tokens (~370K tokens, about
 # 1.2 passes over the repository's text). QUANT_MIN_NUMEL=1024 is below the smallest attention/MLP
 # matrix (the 48x96 K/V projections), so GPTQ int6-quantizes all 24 of them. The whole demo takes
 # ~2 min on 2 idle cores: ~90 s training, ~25 s evaluation (most of it score-first TTT).
@@ -69,8 +70,11 @@ PRESET: dict[str, str] = {
     "ROPE_DIMS": "16",
     "VE_DIM": "32",
     "VE_LAYERS": "2,3",
-    "RECUR_LAYERS": "1,2",
-    "RECUR_START_STEP": "45",
+    "NUM_LOOPS": "1",
+    "LOOP_START": "1",
+    "LOOP_END": "2",
+    "ENABLE_LOOPING_AT": "0.5",
+    "PARALLEL_START_LAYER": "3",
     "MUON_MOMENTUM_WARMUP_STEPS": "30",
     "EMA_DECAY": "0.9",  # averages over ~10 steps, well inside the 90
     "GPTQ_CALIBRATION_BATCHES": "8",

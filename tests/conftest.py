@@ -28,12 +28,14 @@ import train_gpt as tg  # noqa: E402
 # badly whenever the 2 cores are shared with the e2e subprocesses.
 torch.set_num_threads(1)
 
-# A 4-block model that exercises every feature: GQA, XSA, partial RoPE, VE, recurrence
-# (1,2 repeated from step 3), skip gates; QUANT_MIN_NUMEL lowered so GPTQ really runs.
+# A 4-block model that exercises every feature: GQA, XSA, partial RoPE, VE, looping (1,2 once
+# more from step 3: 6 virtual layers), skip gates, two residual lanes on layer 3, SmearGate, the
+# sparse attention gate; QUANT_MIN_NUMEL lowered so GPTQ really runs.
 TINY = dataclasses.replace(
     tg.Hyperparameters(),
     num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, ve_dim=16, ve_layers="2,3",
-    xsa_last_n=4, recur_layers="1,2", recur_start_step=3, train_seq_len=128, eval_seq_len=128, eval_stride=32,
+    xsa_last_n=4, num_loops=1, loop_start=1, loop_end=2,
+    enable_looping_at=0.5, parallel_start_layer=3, train_seq_len=128, eval_seq_len=128, eval_stride=32,
     train_batch_tokens=8192, iterations=6, warmup_steps=2, train_log_every=1,
     val_loss_every=0, max_wallclock_seconds=0.0, gptq_calibration_batches=4, quant_min_numel=1024,
     ttt_chunk=2048, pre_quant_ttt_chunk=2048, pre_quant_ttt_freeze=2, eval_batch_seqs=8,

@@ -120,7 +120,7 @@ def test_typo_warnings_reach_the_log_file(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env.update(DATA_DIR=str(tmp_path / "none") + "/", NUM_LAYER="3", TTT_OPTIMIZER="muon", RUN_ID="typo",
                TRAIN_BATCH_TOKENS="8192", TRAIN_SEQ_LEN="128", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
-               NUM_KV_HEADS="2", ROPE_DIMS="8", VE_LAYERS="", RECUR_LAYERS="", XSA_LAST_N="2")
+               NUM_KV_HEADS="2", ROPE_DIMS="8", VE_LAYERS="", NUM_LOOPS="0", PARALLEL_START_LAYER="0", XSA_LAST_N="2")
     r = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 1  # no data: a DataError, after the warnings

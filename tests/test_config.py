@@ -19,7 +19,7 @@ def test_from_env_parses_each_type():
     h = tg.Hyperparameters.from_env({
         "NUM_LAYERS": "7", "MATRIX_LR": "0.125", "BETA2": "1e-6", "TTT_ENABLED": "0", "ETLB_ENABLED": "false",
         "PRE_QUANT_TTT": "1", "EVAL_ABLATIONS": "true", "GPTQ_CLIP": "percentile", "RUN_ID": " abc ",
-        "RECUR_LAYERS": "2,3", "XSA_LAST_N": "7", "VE_LAYERS": "5,6", "PRE_QUANT_TTT_FREEZE": "5",
+        "LOOP_START": "2", "LOOP_END": "3", "NUM_LOOPS": "1", "XSA_LAST_N": "7", "PARALLEL_START_LAYER": "5", "VE_LAYERS": "5,6", "PRE_QUANT_TTT_FREEZE": "5",
     })
     assert h.num_layers == 7 and type(h.num_layers) is int
     assert h.matrix_lr == 0.125 and type(h.matrix_lr) is float
@@ -27,7 +27,8 @@ def test_from_env_parses_each_type():
     assert h.ttt_enabled is False and h.etlb_enabled is False
     assert h.pre_quant_ttt is True and h.eval_ablations is True
     assert h.gptq_clip == "percentile" and h.run_id == "abc"
-    assert h.recur_layer_list == [2, 3] and h.ve_layer_list == [5, 6]
+    assert h.loop_order == [0, 1, 2, 3, 2, 3, 4, 5, 6] and h.ve_layer_list == [5, 6]
+    assert h.parallel_start_layer == 5
     # a float field accepts an integer spelling; untouched fields keep their defaults
     assert tg.Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "300"}).max_wallclock_seconds == 300.0
     assert h.model_dim == tg.Hyperparameters().model_dim
@@ -44,16 +45,18 @@ def test_from_env_ignores_unrelated_and_empty_env_gives_defaults():
     assert tg.Hyperparameters.from_env({"PATH": "/x", "HOME": "/y"}) == tg.Hyperparameters()
 
 
-def test_defaults_are_the_seed_command():
+def test_defaults_are_the_frontier_stack():
     h = tg.Hyperparameters()
-    assert h.muon_wd == pytest.approx(0.09) and h.embed_wd == pytest.approx(0.09)
-    assert h.qk_gain_init == 5.0
-    assert h.recur_layers == "4,5" and h.recur_layer_list == [4, 5]
+    assert h.muon_wd == pytest.approx(0.095) and h.embed_wd == pytest.approx(0.085)
+    assert h.qk_gain_init == 5.0 and h.muon_momentum == 0.97 and h.beta2 == 0.99 and h.min_lr == 0.10
+    assert h.loop_order == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10] and h.enable_looping_at == 0.35
+    assert h.parallel_start_layer == 8 and h.smear_gate_enabled and h.sparse_attn_gate_enabled
+    assert h.ve_layer_list == []
     assert h.ttt_enabled is True and h.etlb_enabled is True
     assert h.pre_quant_ttt is False
     assert (h.ttt_chains, h.ttt_batch_seqs) == ("rank", 2)
     assert h.ngram_tilt is True
-    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 4096)
+    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 8192)
     assert h.artifact_limit_bytes == 16_000_000
     h.validate()  # the defaults themselves are consistent
 
@@ -67,9 +70,15 @@ def test_defaults_are_the_seed_command():
     ({"NUM_HEADS": "7"}, "NUM_HEADS"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
-    ({"RECUR_LAYERS": "4,11"}, "RECUR_LAYERS"),
-    ({"RECUR_LAYERS": "-1"}, "RECUR_LAYERS"),
-    ({"RECUR_LAYERS": "a,b"}, "RECUR_LAYERS"),
+    ({"LOOP_END": "11"}, "LOOP_END"),
+    ({"LOOP_START": "-1"}, "LOOP_START"),
+    ({"LOOP_START": "6", "LOOP_END": "5"}, "LOOP_END"),
+    ({"NUM_LOOPS": "-1"}, "NUM_LOOPS"),
+    ({"ENABLE_LOOPING_AT": "1.5"}, "ENABLE_LOOPING_AT"),
+    ({"MIN_LR": "-0.1"}, "MIN_LR"),
+    ({"PARALLEL_START_LAYER": "11"}, "PARALLEL_START_LAYER"),
+    ({"GATE_WINDOW": "0"}, "GATE_WINDOW"),
+    ({"VE_LAYERS": "a,b"}, "VE_LAYERS"),
     ({"VE_LAYERS": "12"}, "VE_LAYERS"),
     ({"EMA_DECAY": "1.0"}, "EMA_DECAY"),
     ({"EMA_DECAY": "-0.1"}, "EMA_DECAY"),
@@ -87,7 +96,7 @@ def test_defaults_are_the_seed_command():
     ({"GPTQ_CLIP": "minmax"}, "GPTQ_CLIP"),
     ({"BETA2": "1.0"}, "BETA2"),
     ({"QUANT_MIN_NUMEL": "-1"}, "QUANT_MIN_NUMEL"),
-    ({"VE_DIM": "0"}, "VE_DIM"),
+    ({"VE_DIM": "0", "VE_LAYERS": "9,10"}, "VE_DIM"),
     ({"PRE_QUANT_TTT": "1", "PRE_QUANT_TTT_FREEZE": "11"}, "PRE_QUANT_TTT_FREEZE"),
     ({"LOAD_CHECKPOINT": "a.pt", "LOAD_ARTIFACT": "b.ptz"}, "LOAD_ARTIFACT"),
 ])
@@ -160,7 +169,7 @@ def test_removed_settings_are_named_not_silently_ignored():
 
 
 def test_one_recipe_settings_budget():
-    assert len(dataclasses.fields(tg.Hyperparameters)) <= 70
+    assert len(dataclasses.fields(tg.Hyperparameters)) <= 85
 
 
 def _clean_env(**extra: str) -> dict[str, str]:

@@ -34,9 +34,12 @@ def test_routing_default_model():
     with torch.device("meta"):  # shapes only (the CPU orthogonal init of 34M parameters is slow)
         m = tg.GPT(tg.Hyperparameters())
     groups = _check_routing(m)
-    assert len(groups["muon"]) == 67  # 11 blocks x 6 matrices + the value-embedding projection
+    assert len(groups["muon"]) == 66  # 11 blocks x 6 matrices
     assert sum(p.numel() for _, p in groups["muon"]) + sum(p.numel() for _, p in groups["tok"]) \
-        + sum(p.numel() for _, p in groups["scalar"]) == 34_401_371
+        + sum(p.numel() for _, p in groups["scalar"]) == sum(p.numel() for p in m.parameters())
+    scalar = {n for n, _ in groups["scalar"]}
+    assert {"smear_gate.weight", "smear_lambda", "parallel_post_lambdas", "parallel_resid_lambdas",
+            "blocks.0.attn.attn_gate_w"} <= scalar
 
 
 def test_routing_tiny_model():
@@ -97,11 +100,12 @@ def test_lr_scale_endpoints():
     assert tg.lr_scale(0.49, h) == 1.0
     assert tg.lr_scale(0.5, h) == pytest.approx(1.0)
     assert tg.lr_scale(0.75, h) == pytest.approx(0.5)
-    assert tg.lr_scale(1.0, h) == pytest.approx(0.0)
+    assert tg.lr_scale(1.0, dataclasses.replace(h, min_lr=0.0)) == pytest.approx(0.0)
+    assert tg.lr_scale(1.0, h) == pytest.approx(h.min_lr) and tg.lr_scale(0.95, h) == pytest.approx(h.min_lr)
     assert tg.lr_scale(0.99, dataclasses.replace(h, warmdown_frac=0.0)) == 1.0
     d = tg.Hyperparameters()
     assert tg.lr_scale(1.0 - d.warmdown_frac - 1e-6, d) == 1.0
-    assert tg.lr_scale(1.0, d) == pytest.approx(0.0)
+    assert tg.lr_scale(1.0, d) == pytest.approx(0.10)  # the MIN_LR floor
     vals = [tg.lr_scale(f / 100, d) for f in range(101)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone non-increasing
 

@@ -38,7 +38,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
 
 
 META = {"w": {"type": "int6", "method": "gptq", "clip_range": 31}, "emb": {"type": "passthrough"}}
-EXTRA = {"shape": {"num_layers": 4, "mlp_mult": 4.0, "recur_layers": "1,2"}, "recurrence_active": True, "note": "é"}
+EXTRA = {"shape": {"num_layers": 4, "mlp_mult": 4.0, "loop_end": 2}, "recurrence_active": True, "note": "é"}
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -253,7 +253,8 @@ def test_loading_skips_the_random_init_and_does_not_alias_the_decoded_tensors(ti
 
 @pytest.mark.parametrize("override,name", [
     ({"num_layers": 5}, "NUM_LAYERS"), ({"model_dim": 128}, "MODEL_DIM"), ({"mlp_mult": 3.0}, "MLP_MULT"),
-    ({"recur_layers": "2,3"}, "RECUR_LAYERS"), ({"vocab_size": 512}, "VOCAB_SIZE"), ({"rope_dims": 4}, "ROPE_DIMS"),
+    ({"loop_end": 3}, "LOOP_END"), ({"parallel_start_layer": 0}, "PARALLEL_START_LAYER"),
+    ({"smear_gate_enabled": False}, "SMEAR_GATE_ENABLED"), ({"vocab_size": 512}, "VOCAB_SIZE"), ({"rope_dims": 4}, "ROPE_DIMS"),
 ])
 def test_load_with_mismatching_config_names_the_variable(tiny_artifact, override, name):
     h, rt, _, _, blob = tiny_artifact

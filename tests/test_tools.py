@@ -778,7 +778,7 @@ def test_scripts_called_without_arguments_print_their_usage(script, bench_data, 
 FAKE_TORCHRUN = """#!/bin/bash
 # stands in for torchrun: prints what it was given
 echo "torchrun $*"
-env | grep -E '^(SEED|RUN_ID|DATA_DIR|ITERATIONS|TTT_LR|QK_GAIN_INIT)=' | sort
+env | grep -E '^(SEED|RUN_ID|DATA_DIR|ITERATIONS|TTT_LR|QK_GAIN_INIT|EMA_DECAY|RECUR_START_STEP)=' | sort
 """
 
 
@@ -804,7 +804,7 @@ def test_bench_sh(tmp_path):
     console = (tmp_path / "runs" / "b1" / "console.txt").read_text().splitlines()
     assert console[0] == f"torchrun --standalone --nproc_per_node=4 {tmp_path / 'train_gpt.py'}"
     assert set(console[1:-1]) == {"SEED=5", "RUN_ID=b1", f"DATA_DIR={data}/", "ITERATIONS=241", "TTT_LR=0.01",
-                                  "QK_GAIN_INIT=4.0"}
+                                  "EMA_DECAY=0.93"}
     assert console[-1] == "exit_code: 0"
 
 

@@ -831,8 +831,16 @@ def technique_summary(runs: list[RunLog]) -> str:
         model.append(f"MLP {h['mlp_mult'].removesuffix('.0')}x")
     if h.get("xsa_last_n") not in (None, "0"):
         model.append(f"XSA last {h['xsa_last_n']}")
-    if h.get("recur_layers"):
+    if h.get("recur_layers"):  # logs of the PR #1285-style versions
         model.append(f"depth recurrence (layers {h['recur_layers']})")
+    if h.get("num_loops") not in (None, "0"):
+        model.append(f"loop layers {h.get('loop_start')}-{h.get('loop_end')} x{int(h['num_loops']) + 1}")
+    if h.get("parallel_start_layer") not in (None, "0"):
+        model.append(f"parallel residuals from layer {h['parallel_start_layer']}")
+    if h.get("smear_gate_enabled") == "True":
+        model.append("SmearGate")
+    if h.get("sparse_attn_gate_enabled") == "True":
+        model.append("sparse attention gate")
     if h.get("ema_decay"):
         model.append(f"EMA {h['ema_decay']}")
     quant = "GPTQ int6"
