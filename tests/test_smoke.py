@@ -199,7 +199,7 @@ def test_size_fit_auto_requantizes_at_larger_sigmas(dataset, workdir, base_run):
                        ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0")
     run = main_run(workdir / "auto", env)
     run.check_ok()
-    assert run.has("size_fit: over by") and "re-quantizing at GPTQ_SIGMAS=" in run.line("size_fit: over by")
+    assert run.has("size_fit: over by") and "re-quantizing with clip sigmas x" in run.line("size_fit: over by")
     assert int(run.number("Total submission size", "brotli:")) <= limit
     assert run.has("artifact: fits") and run.line("final_score").endswith("legal:1")
     _, meta, extra = tg.deserialize_artifact((workdir / "auto" / "model.ptz").read_bytes())
