@@ -1,9 +1,11 @@
 """train_gpt.py: the parameter-golf pipeline in one file.
 
-Trains the PR #1285 record architecture (11 blocks, d=512, GQA 8/4 + XSA, partial RoPE,
-LeakyReLU^2 MLP, value embeddings, gated U-Net skips, blocks 4-5 repeated) with MuonEq-R + EMA
-inside a wall-clock budget, quantizes all 66 attention/MLP matrices with full-Hessian GPTQ int6,
-writes a byte-shuffled brotli-11 artifact fitted under 16,000,000 bytes, then evaluates it:
+Trains the 04-27 record architecture (SP8192, 11 blocks, d=512, GQA 8/4 + XSA, partial RoPE,
+LeakyReLU^2 MLP, gated U-Net skips, blocks 3-5 looped to 17 layers, parallel residual lanes from
+block 8, SmearGate, sparse attention gate) with MuonEq-R (Polar Express) + EMA inside a wall-clock
+budget, quantizes the 66 attention/MLP matrices with full-Hessian GPTQ int6 and the tied
+embedding with GPTQ int7, corrects the largest errors with LQER, writes a byte-shuffled brotli-11
+artifact fitted under 16,000,000 bytes, then evaluates it:
 roundtrip, stride-64 sliding window, and the legal default (score-first TTT + ETLB + n-gram
 tilt); optionally the pre-quant TTT recipe (labelled not leaderboard-legal).
 
@@ -124,13 +126,20 @@ class Hyperparameters:
     min_lr: float = 0.10  # warm-down floor, a fraction of each learning rate
     ema_decay: float = 0.9965
     # --- quantization and artifact
-    gptq_calibration_batches: int = 64
-    gptq_reserve_seconds: float = 10.0
-    gptq_clip: str = "sdclip"  # sdclip: scale = GPTQ_SIGMAS*std(row)/31; percentile: the record's search
-    gptq_sigmas: float = 12.85
+    gptq_calibration_batches: int = 16
+    gptq_reserve_seconds: float = 4.0
+    gptq_clip: str = "sdclip"  # sdclip: scale = group sigmas*std(row)/clip_range; percentile: the record's search
+    mlp_clip_sigmas: float = 11.5  # SDClip range of the MLP matrices, in row standard deviations
+    attn_clip_sigmas: float = 13.0  # ... of the attention matrices
+    embed_clip_sigmas: float = 14.0  # ... of the tied embedding (GPTQ at EMBED_BITS under the head-input Hessian)
+    embed_bits: int = 7  # tied embedding code width with sdclip (5..8); percentile keeps int8 per-row RTN
+    lqer_enabled: bool = True  # low-rank (SVD) correction of the largest quantization errors
+    lqer_rank: int = 4
+    lqer_top_k: int = 3  # tensors corrected: those with the largest ||W - dequant(Q)||
+    lqer_asym_group: int = 64  # elements of the flattened factor B per fp16 scale
     quant_min_numel: int = 65536  # tensors this small are stored fp16 (tiny models must lower it)
     artifact_limit_bytes: int = ARTIFACT_LIMIT_BYTES
-    size_fit: str = "auto"  # auto: raise GPTQ_SIGMAS (sdclip) then prune; prune: zero +-1 codes; fail: exit 1
+    size_fit: str = "auto"  # auto: scale all clip sigmas up (sdclip) then prune; prune: zero +-1 codes; fail: exit 1
     artifact_path: str = "final_model.int6.ptz"
     checkpoint_path: str = "final_model.pt"  # empty: no checkpoint
     load_checkpoint: str = ""  # skip training: EMA weights + Hessians from a checkpoint
@@ -219,7 +228,7 @@ class Hyperparameters:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent variable."""
-        for check in (_check_signs, _check_shape, _check_lengths, _check_choices):
+        for check in (_check_signs, _check_shape, _check_lengths, _check_choices, _check_quant):
             check(self)
 
 
@@ -292,8 +301,6 @@ def _check_lengths(h: Hyperparameters) -> None:
         _bad(h, "NGRAM_ORDERS", "must list n-gram lengths in [1, 256], e.g. 1,2,3,4")
     if not 1 <= h.ngram_bins <= 1024:
         _bad(h, "NGRAM_BINS", "must be in [1, 1024]")
-    if not 1.0 <= h.gptq_sigmas <= 1000.0:
-        _bad(h, "GPTQ_SIGMAS", "must be in [1, 1000] (row clip in standard deviations)")
 
 
 def _check_choices(h: Hyperparameters) -> None:
@@ -306,6 +313,17 @@ def _check_choices(h: Hyperparameters) -> None:
         _bad(h, "PRE_QUANT_TTT_FREEZE", f"must be in [0, NUM_LAYERS={h.num_layers}) to leave a block to adapt")
     if h.load_checkpoint and h.load_artifact:
         _bad(h, "LOAD_ARTIFACT", "set LOAD_CHECKPOINT or LOAD_ARTIFACT, not both")
+
+
+def _check_quant(h: Hyperparameters) -> None:
+    for n in ["mlp_clip_sigmas", "attn_clip_sigmas", "embed_clip_sigmas"]:
+        if not 1.0 <= getattr(h, n) <= 1000.0:
+            _bad(h, n.upper(), "must be in [1, 1000] (row clip in standard deviations)")
+    if not 5 <= h.embed_bits <= 8:
+        _bad(h, "EMBED_BITS", "must be in 5..8 (signed codes of the tied embedding)")
+    for n, low in [("lqer_rank", 1), ("lqer_top_k", 0), ("lqer_asym_group", 1)]:
+        if getattr(h, n) < low:
+            _bad(h, n.upper(), f"must be >= {low}")
 
 
 class ConfigError(ValueError):
@@ -354,6 +372,7 @@ REMOVED_SETTINGS = {
     "ADAM_EPS": "fixed at 1e-8", "VAL_BATCH_TOKENS": "fixed at 524288", "GPTQ_ENABLED": "GPTQ always runs",
     "N_INT6_LAYERS": "every matrix is int6", "COMPRESSOR": "always brotli",
     "SAVE_CHECKPOINT": "use CHECKPOINT_PATH= (empty) to skip the checkpoint",
+    "GPTQ_SIGMAS": "replaced by per-group MLP_CLIP_SIGMAS, ATTN_CLIP_SIGMAS and EMBED_CLIP_SIGMAS",
     "SLIDING_WINDOW_ENABLED": "always on", "ETLB_STEPS": "fixed at 5", "ETLB_CLIP": "fixed at 3.0",
     "NGRAM_MAX_BETA": "fixed at 6.0", "TTT_CHAIN_WARMUP": "removed (measured no gain)",
     "TTT_GRAD_CLIP": "fixed at 1.0", "TTT_MIN_LR": "removed (measured worse)",
@@ -1478,18 +1497,24 @@ def train_model(h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts: "Byte
 
 # =============================================================================
 # QUANTIZATION
-# Full-Hessian GPTQ (act-order, block 128, 1% damping) at int6 on the attention/MLP matrices;
-# int8 per-row for the embeddings; fp16 for tensors of QUANT_MIN_NUMEL elements or fewer.
-# Row scales (GPTQ_CLIP): "sdclip" = GPTQ_SIGMAS * std(row) / 31 (scale-invariant; the artifact
-# size follows the sigma multiplier), or "percentile" = the record's 5 clip percentiles judged
-# by weight MSE with scales floored at 1/31 (run as one stacked GPTQ pass). On the GPU, with
-# matrices split across ranks.
+# Full-Hessian GPTQ (act-order, block 128, 1% damping) at int6 on the attention/MLP matrices; with
+# GPTQ_CLIP=sdclip also on the tied embedding, at EMBED_BITS under the Hessian of the head's input
+# (the final-norm hidden state); otherwise int8 per-row RTN for the embeddings; fp16 for tensors of
+# QUANT_MIN_NUMEL elements or fewer. Row scales (GPTQ_CLIP): "sdclip" = sigmas * std(row) /
+# clip_range with sigmas per group (MLP_/ATTN_/EMBED_CLIP_SIGMAS; scale-invariant, the artifact
+# size follows a common multiplier of them), or "percentile" = the record's 5 clip percentiles judged
+# by weight MSE with scales floored at 1/31 (run as one stacked GPTQ pass). LQER then adds a
+# low-rank (SVD) correction, 2-bit A and 4-bit grouped B, to the LQER_TOP_K coded tensors with the
+# largest error. On the GPU, with tensors split across ranks.
 # =============================================================================
 
 GPTQ_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 INT8_CLIP_Q = 0.9999984
 SIZE_FIT_MARGIN_BYTES = 16_000  # SIZE_FIT=auto aims this far (at most 0.1%) under the cap
 SDCLIP_MIN_SCALE = 1e-6  # fp16-representable floor for all-zero rows
+MATRIX_BITS = 6  # attention/MLP codes: clip range 31
+LQER_A_RANGE, LQER_B_RANGE = (-2, 1), (-8, 7)  # signed 2-bit codes of A, signed 4-bit codes of B
+LQER_SUFFIXES = ("lqA", "lqA_scale", "lqB", "lqB_scale")
 
 
 def quant_category(name: str) -> str:
@@ -1510,17 +1535,22 @@ def hessian_targets(model: GPT, min_numel: int) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def collect_hessians(h: Hyperparameters, rt: Runtime, model: GPT, loader: TokenLoader) -> dict[str, Tensor]:
-    """H = sum X^T X over calibration batches (this rank's share), all-reduced, / batches."""
+    """H = sum X^T X over calibration batches (this rank's share), all-reduced, / batches. X is each
+    matrix's input; for the tied embedding ("tok_emb.weight", the head) the final-norm hidden state."""
     targets = hessian_targets(model, h.quant_min_numel)
+    dims = {name: mod.weight.size(1) for name, mod in targets.items()}
+    if model.tok_emb.weight.numel() > h.quant_min_numel:
+        dims["tok_emb.weight"] = model.tok_emb.weight.size(1)
     hess: dict[str, Tensor] = {}
-    hooks = []
-    for name, mod in targets.items():
-        def hook(m, inp, out, name=name):
-            x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
-            if name not in hess:
-                hess[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
-            hess[name].addmm_(x.T, x)
-        hooks.append(mod.register_forward_hook(hook))
+
+    def accumulate(name: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        if name not in hess:
+            hess[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hess[name].addmm_(x.T, x)
+
+    hooks = [mod.register_forward_hook(lambda m, inp, out, name=name: accumulate(name, inp[0]))
+             for name, mod in targets.items()]
     per = h.train_batch_tokens // h.train_seq_len // 8
     idx = 0  # global micro-batch index; this rank takes idx % world_size == rank
     try:
@@ -1530,13 +1560,14 @@ def collect_hessians(h: Hyperparameters, rt: Runtime, model: GPT, loader: TokenL
                 if idx < h.gptq_calibration_batches and idx % rt.world_size == rt.rank:
                     x, _ = loader.micro_batch(windows, m, per, rt.device)
                     with autocast(rt.device):
-                        model.forward_hidden(x)
+                        hidden = model.forward_hidden(x)
+                    if "tok_emb.weight" in dims:
+                        accumulate("tok_emb.weight", hidden)
                 idx += 1
     finally:
         for hk in hooks:
             hk.remove()
-    for name, mod in targets.items():  # ranks with no batch still join the all-reduce
-        n = mod.weight.size(1)
+    for name, n in dims.items():  # ranks with no batch still join the all-reduce
         hess.setdefault(name, torch.zeros(n, n, device=rt.device))
         all_reduce_(hess[name], rt)
         hess[name] /= max(h.gptq_calibration_batches, 1)
@@ -1557,7 +1588,7 @@ def candidate_scales(W: Tensor, clip_range: int, clip: str, sigmas: float) -> Te
 
 
 def quantize_rtn(W: Tensor, clip_range: int, clip: str = Hyperparameters.gptq_clip,
-                 sigmas: float = Hyperparameters.gptq_sigmas) -> tuple[Tensor, Tensor]:
+                 sigmas: float = Hyperparameters.mlp_clip_sigmas) -> tuple[Tensor, Tensor]:
     """Round-to-nearest per row at the same candidate scales (fallback without a Hessian)."""
     W = W.float()
     best = None
@@ -1571,7 +1602,7 @@ def quantize_rtn(W: Tensor, clip_range: int, clip: str = Hyperparameters.gptq_cl
 
 def gptq_quantize_weight(W: Tensor, H: Tensor, clip_range: int = 31, block_size: int = 128,
                          clip: str = Hyperparameters.gptq_clip,
-                         sigmas: float = Hyperparameters.gptq_sigmas) -> tuple[Tensor, Tensor]:
+                         sigmas: float = Hyperparameters.mlp_clip_sigmas) -> tuple[Tensor, Tensor]:
     """GPTQ of W (rows x cols) under Hessian H (cols x cols); returns int8 codes and fp16 row scales."""
     W = W.float()
     rows, cols = W.shape
@@ -1621,16 +1652,64 @@ def quantize_int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8), s.half()
 
 
+def dequant_codes(q: Tensor, s: Tensor) -> Tensor:
+    """Codes times their per-row scales, in fp32."""
+    return q.float() * s.float().reshape(-1, *([1] * (q.ndim - 1)))
+
+
+def lqer_factors(E: Tensor, rank: int, group: int) -> dict[str, Tensor] | None:
+    """Rank-`rank` SVD of the quantization error, E ~ A @ B with A = U*S (rows x r), B = Vh (r x cols),
+    packed: A as codes in [-2, 1] times one fp16 scale max|A|/1.5; B as codes in [-8, 7] times an fp16
+    scale (group max|B|/7.5) per `group` consecutive elements of flattened B. None when B's size is
+    not a multiple of `group`. Each factor pair's sign is fixed (A's largest-magnitude entry negative),
+    so that the result does not depend on the SVD backend's sign convention."""
+    r = min(rank, *E.shape)
+    if (r * E.shape[1]) % group:
+        return None
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    peak = A.gather(0, A.abs().argmax(dim=0, keepdim=True))[0]
+    sign = torch.where(peak > 0, -1.0, 1.0).to(A.dtype)
+    A, B = A * sign, B * sign[:, None]
+    sA = (A.abs().amax() / 1.5).clamp_min(SDCLIP_MIN_SCALE).half().reshape(1)
+    qA = torch.clamp(torch.round(A / sA.float()), *LQER_A_RANGE).to(torch.int8)
+    Bg = B.reshape(-1, group)
+    sB = (Bg.abs().amax(dim=1) / 7.5).clamp_min(SDCLIP_MIN_SCALE).half()
+    qB = torch.clamp(torch.round(Bg / sB.float()[:, None]), *LQER_B_RANGE).to(torch.int8).reshape(B.shape)
+    return {"lqA": qA.contiguous(), "lqA_scale": sA, "lqB": qB.contiguous(), "lqB_scale": sB}
+
+
+def lqer_delta(f: dict[str, Tensor], group: int) -> Tensor:
+    """dequant(A) @ dequant(B) of the factors lqer_factors packed (fp32)."""
+    qB = f["lqB"]
+    B = (qB.float().reshape(-1, group) * f["lqB_scale"].float()[:, None]).reshape(qB.shape)
+    return (f["lqA"].float() * f["lqA_scale"].float()) @ B
+
+
+@contextlib.contextmanager
+def _fp32_matmul():
+    """GPTQ's error feedback and LQER in full fp32 (no TF32 on the GPU)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 class Quantizer:
-    """GPTQ int6 of the attention/MLP matrices of a state dict under their Hessians, int8 rows for the
-    embeddings, fp16 for small tensors. quantize(sigmas) may be re-run by the size fit at a larger
-    GPTQ_SIGMAS. On several ranks each quantizes its share of the matrices and broadcasts it."""
+    """GPTQ of a state dict under its Hessians: int6 for the attention/MLP matrices, EMBED_BITS for the
+    tied embedding with SDClip (int8 rows with the percentile clip), fp16 for small tensors; then LQER
+    on the LQER_TOP_K coded tensors with the largest error. quantize(mult) may be re-run by the size fit
+    with every group's clip sigmas times `mult`. On several ranks each quantizes its share of the
+    tensors (and their LQER factors) and broadcasts it, so that every rank ends with the same tensors."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor], hessians: dict[str, Tensor]):
         self.h, self.rt, self.sd, self.hessians = h, rt, sd, hessians
+        groups = ("mlp", "attn", "embed") if h.gptq_clip == "sdclip" else ("mlp", "attn")
         self.mats = [n for n, t in sd.items() if t.is_floating_point() and t.ndim == 2
-                     and t.numel() > h.quant_min_numel and quant_category(n) in ("mlp", "attn")]
-        if not self.mats:
+                     and t.numel() > h.quant_min_numel and quant_category(n) in groups and not is_control(n, t)]
+        if not any(quant_category(n) != "embed" for n in self.mats):
             log(f"warning: no attention/MLP matrix has more than QUANT_MIN_NUMEL={h.quant_min_numel} elements, "
                 f"so GPTQ quantizes nothing (int6:0) and the artifact is mostly fp16; lower QUANT_MIN_NUMEL "
                 f"for a small model")
@@ -1641,88 +1720,203 @@ class Quantizer:
         q.rt = self.rt.alone()
         return q
 
-    def quantize(self, sigmas: float | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
-        """Returns (tensors, meta): NAME.q/NAME.scale for quantized tensors, NAME for fp16 ones."""
+    def group_sigmas(self, mult: float = 1.0) -> dict[str, float]:
         h = self.h
-        sigmas = h.gptq_sigmas if sigmas is None else sigmas
+        return {"mlp": h.mlp_clip_sigmas * mult, "attn": h.attn_clip_sigmas * mult,
+                "embed": h.embed_clip_sigmas * mult}
+
+    def bits(self, n: str) -> int:
+        return self.h.embed_bits if quant_category(n) == "embed" else MATRIX_BITS
+
+    def quantize(self, mult: float = 1.0) -> tuple[dict[str, Tensor], dict[str, dict]]:
+        """Returns (tensors, meta): NAME.q/NAME.scale (+ NAME.lqA, NAME.lqA_scale, NAME.lqB,
+        NAME.lqB_scale with LQER) for coded tensors, NAME.q/NAME.scale for int8 rows, NAME for fp16."""
+        sig = self.group_sigmas(mult)
         out: dict[str, Tensor] = {}
         meta: dict[str, dict] = {}
-        self._gptq_my_share(sigmas, out)
+        with _fp32_matmul():
+            errs = self._gptq_my_share(sig, out)
+            lqer = self._lqer_choose(errs)
+            self._lqer_my_share(lqer, out)
         for n in self.mats:
-            self._share(n, out)
-            meta[n] = {"type": "int6", "method": "gptq" if n in self.hessians else "clip_search",
-                       "clip_range": 31, "clip": h.gptq_clip}
-            if h.gptq_clip == "sdclip":
-                meta[n]["sigmas"] = sigmas
+            self._share(n, out, lqer)
+            meta[n] = self._coded_meta(n, sig, mult, lqer)
         for n, t in self.sd.items():
             if n in meta:
                 continue
             t = t.detach().cpu()
-            if not t.is_floating_point() or t.numel() <= h.quant_min_numel or t.ndim != 2:
+            if not t.is_floating_point() or t.numel() <= self.h.quant_min_numel or t.ndim != 2:
                 out[n] = t.half() if t.is_floating_point() else t
                 meta[n] = {"type": "passthrough"}
             else:
                 out[n + ".q"], out[n + ".scale"] = quantize_int8_rows(t)
                 meta[n] = {"type": "int8"}
-        self._log_summary(out, meta, sigmas)
+        self._log_summary(out, meta, sig, mult, {n: errs[self.mats.index(n)] for n in lqer})
         return out, meta
 
-    def _gptq_my_share(self, sigmas: float, out: dict[str, Tensor]) -> None:
+    def _coded_meta(self, n: str, sig: dict[str, float], mult: float, lqer: dict[str, int]) -> dict:
+        h, cat, bits = self.h, quant_category(n), self.bits(n)
+        info = {"type": f"int{bits}", "method": "gptq" if n in self.hessians else "clip_search",
+                "clip_range": 2 ** (bits - 1) - 1, "clip": h.gptq_clip, "group": cat}
+        if h.gptq_clip == "sdclip":
+            info["sigmas"], info["sigma_mult"] = sig[cat], mult
+        if n in lqer:
+            info["lqer_rank"], info["lqer_group"] = lqer[n], h.lqer_asym_group
+        return info
+
+    def _owner(self, n: str) -> int:
+        return self.mats.index(n) % self.rt.world_size
+
+    def _gptq_my_share(self, sig: dict[str, float], out: dict[str, Tensor]) -> list[float]:
+        """Codes of this rank's tensors (left on its device); ||W - dequant(Q)|| of every tensor."""
         h, rt = self.h, self.rt
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in full fp32
-        try:
-            for i, n in enumerate(self.mats):
-                if i % rt.world_size != rt.rank:
-                    continue
-                W = self.sd[n].to(rt.device)
-                if n in self.hessians:
-                    q, s = gptq_quantize_weight(W, self.hessians[n].to(rt.device), clip_range=31,
-                                                clip=h.gptq_clip, sigmas=sigmas)
-                else:
-                    q, s = quantize_rtn(W, 31, h.gptq_clip, sigmas)
-                out[n + ".q"], out[n + ".scale"] = q, s
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+        errs = torch.zeros(len(self.mats), dtype=torch.float64, device=rt.device)
+        for i, n in enumerate(self.mats):
+            if self._owner(n) != rt.rank:
+                continue
+            W = self.sd[n].to(rt.device).float()
+            cr, sigmas = 2 ** (self.bits(n) - 1) - 1, sig[quant_category(n)]
+            if n in self.hessians:
+                q, s = gptq_quantize_weight(W, self.hessians[n].to(rt.device), clip_range=cr,
+                                            clip=h.gptq_clip, sigmas=sigmas)
+            else:
+                q, s = quantize_rtn(W, cr, h.gptq_clip, sigmas)
+            out[n + ".q"], out[n + ".scale"] = q, s
+            errs[i] = (W - dequant_codes(q, s)).norm()
+        return all_reduce_(errs, rt).tolist()  # each slot filled by one rank: the sum is exact
 
-    def _share(self, n: str, out: dict[str, Tensor]) -> None:
-        """Broadcast matrix n from the rank that quantized it; every rank ends with it on the CPU."""
-        rt = self.rt
-        if rt.world_size > 1:
-            owner = self.mats.index(n) % rt.world_size
+    def _lqer_choose(self, errs: list[float]) -> dict[str, int]:
+        """{name: rank} of the LQER_TOP_K tensors with the largest error whose B fits the grouping."""
+        h = self.h
+        if not h.lqer_enabled:
+            return {}
+        top = sorted(range(len(self.mats)), key=lambda i: -errs[i])[:h.lqer_top_k]
+        chosen = {}
+        for n in (self.mats[i] for i in top):
             rows, cols = self.sd[n].shape
-            if owner != rt.rank:
-                out[n + ".q"] = torch.empty(rows, cols, dtype=torch.int8, device=rt.device)
-                out[n + ".scale"] = torch.empty(rows, dtype=torch.float16, device=rt.device)
-            dist.broadcast(out[n + ".q"], src=owner)
-            dist.broadcast(out[n + ".scale"], src=owner)
-        out[n + ".q"], out[n + ".scale"] = out[n + ".q"].cpu(), out[n + ".scale"].cpu()
+            r = min(h.lqer_rank, rows, cols)
+            if (r * cols) % h.lqer_asym_group:
+                log(f"lqer: skipped {n}: its B has {r * cols} elements, not a multiple of "
+                    f"LQER_ASYM_GROUP={h.lqer_asym_group}")
+                continue
+            chosen[n] = r
+        return chosen
 
-    def _log_summary(self, out: dict[str, Tensor], meta: dict[str, dict], sigmas: float) -> None:
-        mats, h = self.mats, self.h
+    def _lqer_my_share(self, lqer: dict[str, int], out: dict[str, Tensor]) -> None:
+        rt = self.rt
+        for n, r in lqer.items():
+            if self._owner(n) == rt.rank:
+                E = self.sd[n].to(rt.device).float() - dequant_codes(out[n + ".q"], out[n + ".scale"])
+                for k, v in lqer_factors(E, r, self.h.lqer_asym_group).items():
+                    out[f"{n}.{k}"] = v
+
+    def _layout(self, n: str, lqer: dict[str, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows, cols = self.sd[n].shape
+        lay = {"q": ((rows, cols), torch.int8), "scale": ((rows,), torch.float16)}
+        if n in lqer:
+            r, g = lqer[n], self.h.lqer_asym_group
+            lay.update(lqA=((rows, r), torch.int8), lqA_scale=((1,), torch.float16),
+                       lqB=((r, cols), torch.int8), lqB_scale=((r * cols // g,), torch.float16))
+        return lay
+
+    def _share(self, n: str, out: dict[str, Tensor], lqer: dict[str, int]) -> None:
+        """Broadcast tensor n's codes (and factors) from the rank that made them; all end on the CPU."""
+        rt = self.rt
+        for k, (shape, dtype) in self._layout(n, lqer).items():
+            key = f"{n}.{k}"
+            if rt.world_size > 1:
+                if self._owner(n) != rt.rank:
+                    out[key] = torch.empty(shape, dtype=dtype, device=rt.device)
+                dist.broadcast(out[key], src=self._owner(n))
+            out[key] = out[key].cpu()
+
+    def _log_summary(self, out: dict[str, Tensor], meta: dict[str, dict], sig: dict[str, float], mult: float,
+                     lqer_errs: dict[str, float]) -> None:
+        h = self.h
+        if not self.rt.is_main:  # only rank 0 logs
+            return
+        mats = [n for n in self.mats if quant_category(n) != "embed"]
         n_gptq = sum(meta[n]["method"] == "gptq" for n in mats)
+        emb = next((n for n in meta if quant_category(n) == "embed"), None)
+        if emb is None:
+            emb_kind = "none"
+        elif emb in self.mats:  # e.g. int8-gptq
+            emb_kind = f"{meta[emb]['type']}-{meta[emb]['method']}"
+        else:
+            emb_kind = {"passthrough": "fp16", "int8": "int8-rows"}[meta[emb]["type"]]
+        rows = sum(m["type"] == "int8" and "method" not in m for m in meta.values())  # int8 per-row RTN
+        clip = "percentile" if h.gptq_clip == "percentile" else \
+            f"sdclip x{mult:.4g} mlp:{sig['mlp']:.4g} attn:{sig['attn']:.4g} embed:{sig['embed']:.4g}"
         log(f"GPTQ quantization: {n_gptq} layers with full GPTQ, {len(mats) - n_gptq} fallback to clip-search; "
-            f"int6:{len(mats)} int8:{sum(m['type'] == 'int8' for m in meta.values())} "
-            f"passthrough:{sum(m['type'] == 'passthrough' for m in meta.values())}")
+            f"int6:{len(mats)} embed:{emb_kind} int8:{rows} "
+            f"passthrough:{sum(m['type'] == 'passthrough' for m in meta.values())}; clip:{clip}; "
+            f"lqer:{self._lqer_summary(out, lqer_errs)}")
+        self._log_codes(out, mats, emb if emb in self.mats else None)
+
+    def _lqer_summary(self, out: dict[str, Tensor], lqer_errs: dict[str, float]) -> str:
+        """'rank:R group:G NAME:before->after ...': relative errors ||E||/||W|| and ||E - AB||/||W||."""
+        h = self.h
+        if not h.lqer_enabled:
+            return "off"
+        parts = []
+        for n, err in lqer_errs.items():
+            W = self.sd[n].detach().float().cpu()
+            E = W - dequant_codes(out[n + ".q"], out[n + ".scale"])
+            after = E - lqer_delta({k: out[f"{n}.{k}"] for k in LQER_SUFFIXES}, h.lqer_asym_group)
+            wn = W.norm().clamp_min(1e-30).item()
+            parts.append(f"{n}:{err / wn:.4f}->{after.norm().item() / wn:.4f}")
+        return f"rank:{h.lqer_rank} group:{h.lqer_asym_group} " + (" ".join(parts) or "none")
+
+    def _log_codes(self, out: dict[str, Tensor], mats: list[str], emb: str | None) -> None:
         if not mats:
             return
         codes = torch.cat([out[n + ".q"].flatten() for n in mats])
-        p = torch.bincount((codes.long() + 128)).double()
-        p = p[p > 0] / codes.numel()
-        entropy = float(-(p * p.log2()).sum())
-        clip = f"sdclip sigmas:{sigmas:.4g}" if h.gptq_clip == "sdclip" else "percentile"
-        log(f"quant:clip {clip} code_entropy:{entropy:.3f} bits ({entropy * codes.numel() / 8e6:.2f} MB "
-            f"for {codes.numel()} codes)")
-        if h.gptq_clip == "percentile":
+        entropy = code_entropy(codes)
+        extra = f" embed:{code_entropy(out[emb + '.q']):.3f} bits" if emb else ""
+        log(f"quant:code_entropy int6:{entropy:.3f} bits ({entropy * codes.numel() / 8e6:.2f} MB "
+            f"for {codes.numel()} codes){extra}")
+        if self.h.gptq_clip == "percentile":
             floor = sum(int((out[n + '.scale'].float() <= 1.0 / 31 + 1e-6).sum()) for n in mats)
             total = sum(out[n + ".scale"].numel() for n in mats)
             log(f"quant:rows_at_scale_floor {floor}/{total} ({100.0 * floor / total:.1f}%)")
 
 
+def code_entropy(codes: Tensor) -> float:
+    """Empirical entropy of int8 codes, in bits per code."""
+    p = torch.bincount(codes.flatten().long() + 128).double()
+    p = p[p > 0] / codes.numel()
+    return float(-(p * p.log2()).sum())
+
+
 def quantize_state_dict(h: Hyperparameters, rt: Runtime, sd: dict[str, Tensor], hessians: dict[str, Tensor],
-                        sigmas: float | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
-    """One quantization pass (Quantizer.quantize); `sigmas` overrides GPTQ_SIGMAS."""
-    return Quantizer(h, rt, sd, hessians).quantize(sigmas)
+                        mult: float = 1.0) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """One quantization pass (Quantizer.quantize); `mult` scales every group's clip sigmas."""
+    return Quantizer(h, rt, sd, hessians).quantize(mult)
+
+
+def _stored(tensors: dict[str, Tensor], key: str) -> Tensor:
+    if key not in tensors:
+        raise ArtifactError(f"artifact has no tensor {key} (truncated or written by another version?)")
+    return tensors[key]
+
+
+def _dequant_entry(tensors: dict[str, Tensor], n: str, info: dict) -> Tensor:
+    """One tensor of the model from its stored form (fp16, or codes x scales [+ LQER's A @ B])."""
+    if info.get("type") == "passthrough":
+        return _stored(tensors, n)
+    q, s = _stored(tensors, n + ".q"), _stored(tensors, n + ".scale")
+    if s.numel() != (q.shape[0] if q.ndim else 1):
+        raise ArtifactError(f"artifact tensor {n}.scale has {s.numel()} scales for {tuple(q.shape)} codes")
+    t = dequant_codes(q, s)
+    if info.get("lqer_rank"):
+        f = {k: _stored(tensors, f"{n}.{k}") for k in LQER_SUFFIXES}
+        g, (A, B) = info.get("lqer_group", 0), (f["lqA"], f["lqB"])
+        if not (q.ndim == A.ndim == B.ndim == 2 and A.shape[0] == q.shape[0] and B.shape[1] == q.shape[1]
+                and A.shape[1] == B.shape[0] and isinstance(g, int) and g > 0 and B.numel() % g == 0
+                and f["lqB_scale"].numel() == B.numel() // g and f["lqA_scale"].numel() == 1):
+            raise ArtifactError(f"artifact LQER factors of {n} do not fit its codes {tuple(q.shape)}")
+        t = t + lqer_delta(f, g)
+    return t
 
 
 def dequantize_state_dict(tensors: dict[str, Tensor], meta: dict[str, dict],
@@ -1732,11 +1926,9 @@ def dequantize_state_dict(tensors: dict[str, Tensor], meta: dict[str, dict],
         info = meta.get(n)
         if info is None:
             raise ArtifactError(f"artifact has no tensor {n} (built for a different model shape?)")
-        if info["type"] == "passthrough":
-            t = tensors[n]
-        else:
-            q, s = tensors[n + ".q"], tensors[n + ".scale"]
-            t = q.float() * s.float().reshape(-1, *([1] * (q.ndim - 1)))
+        if not isinstance(info, dict):
+            raise ArtifactError(f"artifact header is corrupt: meta of {n} is not an object")
+        t = _dequant_entry(tensors, n, info)
         if tuple(t.shape) != tuple(ref.shape):
             raise ArtifactError(f"artifact tensor {n} has shape {tuple(t.shape)}, model expects {tuple(ref.shape)}")
         sd[n] = t.to(ref.dtype)
@@ -1920,11 +2112,20 @@ def code_size(path: str | None = None) -> tuple[str, int]:
     return text, len(pack_code(text).encode())
 
 
+def prunable(name: str, info: dict) -> bool:
+    """Whether the size fit may zero the +-1 codes of this tensor: those of the GPTQ'd attention/MLP
+    matrices. Not the tied embedding's: at EMBED_BITS (8 by default) its step is a small fraction of a
+    row's spread, so +-1 codes are barely likelier than 0 or +-2 and zeroing them saves few bits,
+    while every logit and every input reads that matrix. Neither int8 rows nor fp16 tensors."""
+    return "method" in info and info.get("group", quant_category(name)) != "embed"
+
+
 def prune_ones(tensors: dict[str, Tensor], meta: dict[str, dict], count: int) -> int:
-    """Zero the `count` +-1 codes with the smallest row scale^2 (least damage first)."""
+    """Zero the `count` +-1 codes with the smallest row scale^2 (least damage first). LQER factors
+    stay as computed before pruning: they still correct the rest of the error."""
     cands = []
     for n, info in meta.items():
-        if info["type"] == "int6":
+        if prunable(n, info):
             q, s = tensors[n + ".q"], tensors[n + ".scale"].float()
             r, c = torch.nonzero(q.abs() == 1, as_tuple=True)
             cands.append((s[r] ** 2, n, r, c))
@@ -1944,29 +2145,32 @@ def prune_ones(tensors: dict[str, Tensor], meta: dict[str, dict], count: int) ->
 
 def fit_artifact(h: Hyperparameters, quantizer: Quantizer, quantized: tuple[dict, dict], code_bytes: int,
                  extra: dict) -> bytes:
-    """Compress `quantized` (quantizer's pass at GPTQ_SIGMAS); while over the cap: SIZE_FIT=auto with
-    SDClip re-quantizes at a larger sigmas (each code costs about const - log2(sigmas) bits), then
-    auto/prune zero the cheapest +-1 codes; fail leaves it over (the run stops later)."""
+    """Compress `quantized` (quantizer's pass at the configured clip sigmas); while over the cap:
+    SIZE_FIT=auto with SDClip re-quantizes (GPTQ and LQER) with every group's sigmas times a common
+    multiplier (each code costs about const - log2(sigmas) bits), then auto/prune zero the cheapest +-1
+    codes; fail leaves it over (the run stops later)."""
     tensors, meta = quantized
     extra["pruned_codes"] = 0  # recorded in the artifact
     blob = serialize_artifact(tensors, meta, extra)
-    sigmas = h.gptq_sigmas
-    tried = [(math.log2(sigmas), len(blob))]
+    mult = 1.0
+    tried = [(0.0, len(blob))]  # (log2 multiplier, bytes)
     for _ in range(3 if h.size_fit == "auto" and h.gptq_clip == "sdclip" else 0):
         excess = len(blob) + code_bytes - h.artifact_limit_bytes
         if excess <= 0:
             break
-        if len(tried) >= 2 and tried[-1][1] < tried[-2][1]:  # measured bytes per doubling of sigmas
+        if len(tried) >= 2 and tried[-1][1] < tried[-2][1]:  # measured bytes per doubling of the sigmas
             slope = (tried[-2][1] - tried[-1][1]) / (tried[-1][0] - tried[-2][0])
         else:  # model: each code costs const - log2(sigmas) bits; brotli realizes ~80% of it
-            n_codes = sum(tensors[n + ".q"].numel() for n, i in meta.items() if i["type"] == "int6")
+            n_codes = sum(tensors[n + ".q"].numel() for n, i in meta.items() if "method" in i)
             slope = 0.75 * max(n_codes, 1) / 8
         target = excess + min(SIZE_FIT_MARGIN_BYTES, h.artifact_limit_bytes // 1000)  # aim a little under
-        sigmas *= 2 ** (target / slope)
-        log(f"size_fit: over by {excess} bytes; re-quantizing at GPTQ_SIGMAS={sigmas:.4g}")
-        tensors, meta = quantizer.quantize(sigmas)
+        mult *= 2 ** (target / slope)
+        sig = quantizer.group_sigmas(mult)
+        log(f"size_fit: over by {excess} bytes; re-quantizing with clip sigmas x{mult:.4g} "
+            f"(mlp {sig['mlp']:.4g} attn {sig['attn']:.4g} embed {sig['embed']:.4g})")
+        tensors, meta = quantizer.quantize(mult)
         blob = serialize_artifact(tensors, meta, extra)
-        tried.append((math.log2(sigmas), len(blob)))
+        tried.append((math.log2(mult), len(blob)))
     return prune_to_fit(h, tensors, meta, extra, blob, code_bytes)
 
 

@@ -25,7 +25,8 @@ CLIPS = ["sdclip", "percentile"]
 @pytest.fixture(scope="module")
 def gptq_codes(correlated):
     W, X, H = correlated
-    return {(clip, cr): tg.gptq_quantize_weight(W, H, clip_range=cr, clip=clip) for clip in CLIPS for cr in (31, 15)}
+    return {(clip, cr): tg.gptq_quantize_weight(W, H, clip_range=cr, clip=clip, sigmas=12.85)
+            for clip in CLIPS for cr in (31, 15)}
 
 
 def out_err(W, q, s, X) -> float:
@@ -56,7 +57,7 @@ def test_gptq_beats_round_to_nearest_on_output_error(correlated, gptq_codes, cli
     e_gptq, e_same = out_err(W, q, s, X), out_err(W, q_rtn_same, s, X)
     assert e_gptq < 0.85 * e_same, (e_gptq, e_same)
     # and the RTN fallback with the same scale rule
-    q2, s2 = tg.quantize_rtn(W, clip_range, clip)
+    q2, s2 = tg.quantize_rtn(W, clip_range, clip, 12.85)
     assert int(q2.abs().max()) <= clip_range and q2.dtype == torch.int8 and s2.dtype == torch.float16
     assert e_gptq < 0.85 * out_err(W, q2, s2, X)
     # sanity: the quantization is faithful. On Gaussian rows SDClip's 12.85-sigma range is coarser
@@ -149,7 +150,7 @@ def tiny_quant(dataset):
 def test_collect_hessians(tiny_quant):
     h, rt, model, sd, hess, _, _ = tiny_quant
     names = set(tg.hessian_targets(model, h.quant_min_numel))
-    assert set(hess) == names and len(names) == 6 * h.num_layers
+    assert set(hess) == names | {"tok_emb.weight"} and len(names) == 6 * h.num_layers
     for n, H in hess.items():
         cols = sd[n].shape[1]
         assert H.shape == (cols, cols) and H.dtype == torch.float32
@@ -165,12 +166,16 @@ def test_quantize_state_dict_gptq_everywhere(tiny_quant):
     for n in block_mats:
         assert meta[n]["method"] == "gptq", n
         assert meta[n]["type"] == "int6" and meta[n]["clip_range"] == 31
-        assert meta[n]["clip"] == "sdclip" and meta[n]["sigmas"] == h.gptq_sigmas
+        assert meta[n]["clip"] == "sdclip" and meta[n]["sigma_mult"] == 1.0
+        assert meta[n]["sigmas"] == (h.mlp_clip_sigmas if ".mlp." in n else h.attn_clip_sigmas)
         q, s = tensors[n + ".q"], tensors[n + ".scale"]
         assert q.dtype == torch.int8 and q.shape == sd[n].shape and int(q.abs().max()) <= 31
         assert s.dtype == torch.float16 and s.shape == (sd[n].shape[0],)
         assert n not in tensors
-    assert meta["tok_emb.weight"]["type"] == "int8"
+    emb = meta["tok_emb.weight"]  # GPTQ'd at EMBED_BITS under the head-input Hessian
+    assert emb == {"type": f"int{h.embed_bits}", "method": "gptq", "clip_range": 2 ** (h.embed_bits - 1) - 1,
+                   "clip": "sdclip", "group": "embed", "sigmas": h.embed_clip_sigmas, "sigma_mult": 1.0,
+                   **({k: emb[k] for k in ("lqer_rank", "lqer_group") if k in emb})}
     assert set(meta) == set(sd)  # every tensor has exactly one entry
     for n, info in meta.items():
         if info["type"] == "passthrough":
@@ -185,7 +190,7 @@ def test_dequantize_state_dict_close_to_original(tiny_quant):
     for n, t in deq.items():
         assert t.shape == sd[n].shape and t.dtype == sd[n].dtype, n
         rel = ((t - sd[n]).norm() / sd[n].norm().clamp_min(1e-12)).item()
-        bound = {"int6": 0.4, "int5": 0.8, "int8": 0.1, "passthrough": 2e-3}[meta[n]["type"]]
+        bound = {"int5": 0.8, "int6": 0.4, "int7": 0.2, "int8": 0.1, "passthrough": 2e-3}[meta[n]["type"]]
         assert rel < bound, (n, meta[n], rel)
     # the dequantized model loads and is close to the original in function
     m2 = tg.build_model(h, rt)
@@ -209,19 +214,21 @@ def test_dequantize_rejects_a_different_model(tiny_quant):
 def test_sigmas_override_coarsens_every_matrix(tiny_quant):
     # the SIZE_FIT=auto path: re-quantizing at larger sigmas gives fewer bits on every matrix
     h, rt, model, sd, hess, tensors, meta = tiny_quant
-    t2, m2 = tg.quantize_state_dict(h, rt, sd, hess, sigmas=2 * h.gptq_sigmas)
-    mats = [n for n in meta if meta[n]["type"] == "int6"]
-    assert all(m2[n]["sigmas"] == 2 * h.gptq_sigmas for n in mats)
+    t2, m2 = tg.quantize_state_dict(h, rt, sd, hess, mult=2.0)
+    mats = [n for n in meta if "method" in meta[n]]
+    assert len(mats) == 6 * h.num_layers + 1  # the embedding too
+    assert all(m2[n]["sigmas"] == 2 * meta[n]["sigmas"] and m2[n]["sigma_mult"] == 2.0 for n in mats)
     for n in mats:
         assert entropy_bits(t2[n + ".q"]) < entropy_bits(tensors[n + ".q"]), n
     pct, mp = tg.quantize_state_dict(dataclasses.replace(h, gptq_clip="percentile"), rt, sd, hess)
-    assert all(mp[n]["clip"] == "percentile" and "sigmas" not in mp[n] for n in mats)
+    assert mp["tok_emb.weight"] == {"type": "int8"}  # the percentile pipeline keeps int8 rows for it
+    assert all(mp[n]["clip"] == "percentile" and "sigmas" not in mp[n] for n in mats if n != "tok_emb.weight")
 
 
 def test_no_hessian_falls_back_to_clip_search(tiny_quant):
     h, rt, model, sd, hess, _, _ = tiny_quant
     _, meta = tg.quantize_state_dict(h, rt, sd, {})
-    methods = {meta[n]["method"] for n in meta if meta[n]["type"] in ("int5", "int6")}
+    methods = {meta[n]["method"] for n in meta if "method" in meta[n]}
     assert methods == {"clip_search"}
 
 
@@ -232,7 +239,7 @@ def _prune_case():
         q = torch.randint(-3, 4, (rows, 20), generator=g, dtype=torch.int64).to(torch.int8)
         s = (lo + torch.rand(rows, generator=g)).half()
         tensors[name + ".q"], tensors[name + ".scale"] = q, s
-        meta[name] = {"type": "int6"}
+        meta[name] = {"type": "int6", "method": "gptq"}
     tensors["c"] = torch.randn(3, 3).half()
     meta["c"] = {"type": "passthrough"}
     return tensors, meta
@@ -241,7 +248,7 @@ def _prune_case():
 def _ones(tensors, meta):
     out = []
     for n, info in meta.items():
-        if info["type"] in ("int6", "int5"):
+        if tg.prunable(n, info):
             r, c = torch.nonzero(tensors[n + ".q"].abs() == 1, as_tuple=True)
             out += [(float(tensors[n + ".scale"][i]), n, int(i), int(j)) for i, j in zip(r, c)]
     return out

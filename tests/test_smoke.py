@@ -199,12 +199,16 @@ def test_size_fit_auto_requantizes_at_larger_sigmas(dataset, workdir, base_run):
                        ARTIFACT_LIMIT_BYTES=str(limit), TTT_ENABLED="0", ETLB_ENABLED="0", NGRAM_TILT="0")
     run = main_run(workdir / "auto", env)
     run.check_ok()
-    assert run.has("size_fit: over by") and "re-quantizing at GPTQ_SIGMAS=" in run.line("size_fit: over by")
+    assert run.has("size_fit: over by") and "re-quantizing with clip sigmas x" in run.line("size_fit: over by")
     assert int(run.number("Total submission size", "brotli:")) <= limit
     assert run.has("artifact: fits") and run.line("final_score").endswith("legal:1")
     _, meta, extra = tg.deserialize_artifact((workdir / "auto" / "model.ptz").read_bytes())
-    sig = {i["sigmas"] for i in meta.values() if i["type"] == "int6"}
-    assert len(sig) == 1 and sig.pop() > 12.85  # one larger multiplier for every matrix
+    coded = [i for i in meta.values() if "sigma_mult" in i]
+    mult = {i["sigma_mult"] for i in coded}
+    assert len(mult) == 1 and mult.pop() > 1.0  # one larger multiplier for every coded tensor
+    h = tg.Hyperparameters()
+    base = {"mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas, "embed": h.embed_clip_sigmas}
+    assert all(i["sigmas"] > base[i["group"]] for i in coded)
     assert extra["pruned_codes"] < 1000  # the re-quantization did the work, not pruning
     rt_base = base_run.number("final_int6_roundtrip", "val_bpb:")
     assert run.number("final_int6_roundtrip", "val_bpb:") < 1.1 * rt_base
