@@ -1305,9 +1305,7 @@ class Trainer:
         self.model = maybe_compile(self.base, h, rt)
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            # before looping starts, the skip weights of the looped order's extra pairs get no gradient
-            self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False,
-                             find_unused_parameters=self.base.loops)
+            self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False)
         self.opts = Optimizers(h, self.base, rt, compile_ns=h.compile and rt.is_cuda)
         self.loader = new_train_loader(h)
         self.max_ms = None

@@ -237,7 +237,8 @@ def test_the_size_fit_requantizes_with_lqer(tiny, tmp_path):
     m = re.match(pat, lines[-1])  # the last re-quantization made the artifact
     assert m, lines
     mult, mlp, attn, embed = map(float, m.groups())
-    assert mult > 1 and mlp == attn == pytest.approx(h.mlp_clip_sigmas * mult, rel=1e-3)
+    assert mult > 1 and mlp == pytest.approx(h.mlp_clip_sigmas * mult, rel=1e-3)
+    assert attn == pytest.approx(h.attn_clip_sigmas * mult, rel=1e-3)
     assert embed == pytest.approx(h.embed_clip_sigmas * mult, rel=1e-3)
     tensors, meta, _ = tg.deserialize_artifact(blob)
     mults = {i["sigma_mult"] for i in meta.values() if "method" in i}
