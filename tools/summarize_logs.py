@@ -844,8 +844,13 @@ def technique_summary(runs: list[RunLog]) -> str:
     if h.get("ema_decay"):
         model.append(f"EMA {h['ema_decay']}")
     quant = "GPTQ int6"
-    if h.get("gptq_clip") == "sdclip" and h.get("gptq_sigmas"):
+    if h.get("gptq_clip") == "sdclip" and h.get("gptq_sigmas"):  # logs before per-group sigmas
         quant += f" (SDClip {h['gptq_sigmas']} sigma)"
+    elif h.get("gptq_clip") == "sdclip" and h.get("mlp_clip_sigmas"):
+        quant += (f" (SDClip MLP {h['mlp_clip_sigmas']}, attention {h.get('attn_clip_sigmas')} sigma)"
+                  f" + int{h.get('embed_bits', '8')} embedding ({h.get('embed_clip_sigmas')} sigma)")
+        if h.get("lqer_enabled") == "True":
+            quant += f" + LQER rank {h.get('lqer_rank')} on {h.get('lqer_top_k')} tensors"
     elif h.get("gptq_clip"):
         quant += f" ({h['gptq_clip']} clip)"
     if r.compressor:
