@@ -7,7 +7,8 @@ budget, quantizes the 66 attention/MLP matrices with full-Hessian GPTQ int6 and 
 embedding with GPTQ int7, corrects the largest errors with LQER, writes a byte-shuffled brotli-11
 artifact fitted under 16,000,000 bytes, then evaluates it:
 roundtrip, stride-64 sliding window, and the legal default (score-first TTT + ETLB + n-gram
-tilt); optionally the pre-quant TTT recipe (labelled not leaderboard-legal).
+tilt); optionally per-document LoRA TTT with phased global SGD (legal), and the pre-quant TTT
+recipe (labelled not leaderboard-legal).
 
 Run:   torchrun --standalone --nproc_per_node=8 train_gpt.py    (settings: env vars, see --help)
 Demo:  python3 scripts/demo_cpu.py                              (the whole pipeline on a CPU)
@@ -2924,7 +2925,7 @@ def lora_label(ngram: bool) -> str:
 # MAIN
 # run() = obtain the model (train, or load a checkpoint) -> build the artifact (GPTQ, fit under
 # the cap, write) -> evaluate the artifact reloaded from disk (roundtrip, sliding, then the
-# enabled adaptations together). Score lines end like the records' (`eval_time:Nms`); whether
+# enabled adaptations together, then per-document LoRA TTT when on). Score lines end like the records' (`eval_time:Nms`); whether
 # the run is leaderboard-legal is said on its own `legality:` line and on `final_score`.
 # =============================================================================
 
@@ -2946,6 +2947,7 @@ Most used settings (defaults in brackets):
   ITERATIONS [20000]  MAX_WALLCLOCK_SECONDS [600]  TRAIN_BATCH_TOKENS [786432]
   NUM_LAYERS [11]  MODEL_DIM [512]  COMPILE [1]
   TTT_ENABLED [1]  ETLB_ENABLED [1]  NGRAM_TILT [1]  EVAL_ABLATIONS [0]
+  TTT_LORA_ENABLED [0] (per-document LoRA TTT with phased global SGD, legal; scored last, so the final score)
   PRE_QUANT_TTT [0] (the requested recipe; its scores are labelled not leaderboard-legal)
   LOAD_CHECKPOINT / LOAD_ARTIFACT [empty]: skip training / skip training and quantization
 Every setting, with its meaning: README.md, section "Environment variables".
@@ -3095,6 +3097,11 @@ def evaluate_artifact(ctx: RunContext, blob: bytes) -> None:
                                               use_etlb=etlb, use_ngram=ngram))
         else:
             ctx.score(final, lambda: eval_sliding(h, rt, model, tokens, luts, use_etlb=etlb, use_ngram=ngram))
+    for ngram in lora_modes(h):  # after the others: with TTT_LORA_ENABLED=1 it is the final score
+        final = "final_int6_" + lora_label(ngram)
+        with ctx.timer.stage(lora_label(ngram)):  # its own stage line; its seconds count once, in ctx.score
+            ctx.score(final, lambda: eval_lora_ttt(h, rt, model_from_decoded(h, rt, decoded, source), tokens, luts,
+                                                   use_ngram=ngram))
     legal = not ctx.reasons
     ctx.results.update(final_metric=final, final_bpb=ctx.results["scores"][final], legal=legal,
                        reasons=ctx.reasons, eval_seconds=ctx.timer.eval_seconds)
@@ -3112,6 +3119,14 @@ def eval_modes(h: Hyperparameters) -> list[tuple[bool, bool, bool]]:
     subsets = [m for m in itertools.product((False, True), repeat=3)
                if any(m) and m != on and all(a <= b for a, b in zip(m, on))]
     return sorted(subsets, key=lambda m: (m[0], sum(m), m)) + full
+
+
+def lora_modes(h: Hyperparameters) -> list[bool]:
+    """n-gram flags of the per-document LoRA TTT passes (TTT_LORA_ENABLED=1): with the tilt when NGRAM_TILT=1,
+    preceded with EVAL_ABLATIONS=1 by the pass without it."""
+    if not h.ttt_lora_enabled:
+        return []
+    return ([False] if h.eval_ablations and h.ngram_tilt else []) + [h.ngram_tilt]
 
 
 def save_checkpoint(h: Hyperparameters, rt: Runtime, model: GPT, hessians: dict[str, Tensor]) -> None:
