@@ -23,10 +23,10 @@ EXTRA_BOS = (60, 61, 200, 330, 345, 470, 700, 790, 1000)  # with the stream's ow
 @pytest.fixture(scope="module")
 def lora(dataset):
     """(h, rt, model state, tokens, luts): the tiny model with recurrence on, a 1124-target stream of 11
-    documents (one of a single target, two longer than EVAL_SEQ_LEN), small adapters."""
+    documents (one of a single target, most longer than the 64-token window), small adapters."""
     h, rt, model = perturbed_tiny_model(dataset)
     h = dataclasses.replace(h, ttt_lora_rank=4, ttt_chunk_size=32, ttt_batch_size=3, ttt_lora_lr=0.003,
-                            phased_ttt_num_phases=0, global_ttt_lr=0.05, phased_ttt_prefix_docs=6)
+                            phased_ttt_num_phases=0, global_ttt_lr=0.05, phased_ttt_prefix_docs=6, eval_seq_len=64)
     h.validate()
     tokens = tg.load_validation_tokens(h)[:N_TOKENS].clone()
     tokens[list(EXTRA_BOS)] = tg.BOS_ID
@@ -210,7 +210,9 @@ def test_phase_sgd_changes_the_base_and_later_documents_see_it(lora):
     assert "tok_emb.weight" in moved and "blocks.0.attn.c_q.weight" in moved
     docs = tg.find_documents(tokens)
     b1, b2 = docs[3][0], docs[6][0]  # the first targets after phase 1 and after phase 2
-    assert [(min(i), max(i)) for k, i in trace if k == "global"] == [(0, 127), (b1, b1 + 255)]
+    L = h.eval_seq_len  # each phase's SGD: its targets in whole L-target sequences, one step (32 sequences)
+    assert [(min(i), max(i)) for k, i in trace if k == "global"] == [(lo, lo + (hi - lo) // L * L - 1)
+                                                                      for lo, hi in [(0, b1), (b1, b2)]]
     assert torch.equal(m1.token_nll[:b1], m0.token_nll[:b1])  # phase 1 is scored by the artifact's weights
     for lo, hi in [(b1, b2), (b2, tokens.numel() - 1)]:
         assert (m1.token_nll[lo:hi] != m0.token_nll[lo:hi]).float().mean() > 0.9  # later phases: the new base
