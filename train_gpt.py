@@ -2925,8 +2925,9 @@ def lora_label(ngram: bool) -> str:
 # MAIN
 # run() = obtain the model (train, or load a checkpoint) -> build the artifact (GPTQ, fit under
 # the cap, write) -> evaluate the artifact reloaded from disk (roundtrip, sliding, then the
-# enabled adaptations together, then per-document LoRA TTT when on). Score lines end like the records' (`eval_time:Nms`); whether
-# the run is leaderboard-legal is said on its own `legality:` line and on `final_score`.
+# enabled adaptations together, then per-document LoRA TTT when on). Score lines end like the
+# records' (`eval_time:Nms`); whether the run is leaderboard-legal is said on its own
+# `legality:` line and on `final_score`.
 # =============================================================================
 
 PRE_QUANT_TTT_REASON = ("pre-quant TTT trained the artifact on validation tokens that are then re-scored "
