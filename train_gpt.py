@@ -7,7 +7,8 @@ budget, quantizes the 66 attention/MLP matrices with full-Hessian GPTQ int6 and 
 embedding with GPTQ int7, corrects the largest errors with LQER, writes a byte-shuffled brotli-11
 artifact fitted under 16,000,000 bytes, then evaluates it:
 roundtrip, stride-64 sliding window, and the legal default (score-first TTT + ETLB + n-gram
-tilt); optionally the pre-quant TTT recipe (labelled not leaderboard-legal).
+tilt); optionally per-document LoRA TTT with phased global SGD (legal), and the pre-quant TTT
+recipe (labelled not leaderboard-legal).
 
 Run:   torchrun --standalone --nproc_per_node=8 train_gpt.py    (settings: env vars, see --help)
 Demo:  python3 scripts/demo_cpu.py                              (the whole pipeline on a CPU)
@@ -65,6 +66,9 @@ VAL_BATCH_TOKENS = 524288  # global tokens per batch of the non-overlapping vali
 ETLB_STEPS, ETLB_CLIP = 5, 3.0
 NGRAM_MAX_BETA = 6.0  # |log boost| cap of the n-gram tilt
 TTT_GRAD_CLIP = 1.0
+LORA_ADAM_EPS = 1e-10  # per-document LoRA TTT: Adam with beta1 = 0
+GLOBAL_TTT_MOMENTUM, GLOBAL_TTT_EPOCHS, GLOBAL_TTT_GRAD_CLIP = 0.9, 1, 1.0  # phased global SGD on the base
+GLOBAL_TTT_CHUNK_TOKENS, GLOBAL_TTT_BATCH_SEQS = 32768, 32  # its cosine-lr chunks; sequences per step
 PROGRESS_SECONDS = 30.0  # a training progress line at least this often
 
 # =============================================================================
@@ -163,6 +167,18 @@ class Hyperparameters:
     ttt_chunk: int = 32768
     ttt_batch_seqs: int = 2  # sequences per TTT optimizer step (per chain); 0 = the whole chunk, one step
     ttt_chains: str = "rank"  # rank: one chain per rank over its own chunks; shared: one model, chunks split
+    # --- per-document LoRA TTT with phased global SGD (legal; ADAPTATION, eval_lora_ttt)
+    ttt_lora_enabled: bool = False  # score it after the other modes (then it is the final score)
+    ttt_lora_rank: int = 80
+    ttt_lora_alpha: float = 144.0  # adapter output scale alpha/rank
+    ttt_lora_lr: float = 1e-4
+    ttt_chunk_size: int = 48  # targets per chunk: scored, then one Adam step on them
+    ttt_batch_size: int = 64  # documents adapted side by side (adapter slots)
+    ttt_weight_decay: float = 0.5  # decoupled, on A and B
+    ttt_beta2: float = 0.99
+    phased_ttt_num_phases: int = 3  # 0: no global SGD
+    phased_ttt_prefix_docs: int = 2500  # documents split into the phases; the rest use the final base
+    global_ttt_lr: float = 0.001  # SGD on the base weights after each phase
     # --- pre-quant TTT (the requested recipe; NOT leaderboard-legal)
     pre_quant_ttt: bool = False
     pre_quant_ttt_lr: float = 0.0005
@@ -228,7 +244,7 @@ class Hyperparameters:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent variable."""
-        for check in (_check_signs, _check_shape, _check_lengths, _check_choices, _check_quant):
+        for check in (_check_signs, _check_shape, _check_lengths, _check_choices, _check_quant, _check_lora):
             check(self)
 
 
@@ -326,6 +342,23 @@ def _check_quant(h: Hyperparameters) -> None:
             _bad(h, n.upper(), f"must be >= {low}")
 
 
+def _check_lora(h: Hyperparameters) -> None:
+    for n in ["ttt_lora_rank", "ttt_batch_size"]:
+        if getattr(h, n) < 1:
+            _bad(h, n.upper(), "must be >= 1")
+    for n in ["ttt_lora_lr", "ttt_weight_decay", "phased_ttt_num_phases", "phased_ttt_prefix_docs", "global_ttt_lr"]:
+        if getattr(h, n) < 0:
+            _bad(h, n.upper(), "must be >= 0")
+    if h.ttt_lora_alpha <= 0:
+        _bad(h, "TTT_LORA_ALPHA", "must be positive")
+    if not 1 <= h.ttt_chunk_size <= h.eval_seq_len:
+        _bad(h, "TTT_CHUNK_SIZE", f"must be in [1, EVAL_SEQ_LEN={h.eval_seq_len}] (a chunk is scored in one window)")
+    if not 0.0 <= h.ttt_beta2 < 1.0:
+        _bad(h, "TTT_BETA2", "must be in [0, 1)")
+    if h.ttt_lora_lr * h.ttt_weight_decay >= 1.0:
+        _bad(h, "TTT_WEIGHT_DECAY", f"times TTT_LORA_LR={h.ttt_lora_lr} must be below 1 (decoupled decay)")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -380,6 +413,11 @@ REMOVED_SETTINGS = {
     "TTT_FREEZE": "TTT adapts every weight",
     "RECUR_LAYERS": "use LOOP_START, LOOP_END and NUM_LOOPS (PR #1285's 4,5: LOOP_START=4 LOOP_END=5 NUM_LOOPS=1)",
     "RECUR_START_STEP": "use ENABLE_LOOPING_AT, a fraction of training",
+    "TTT_BETA1": "fixed at 0 (LoRA TTT's Adam)",
+    "TTT_WARM_START_A": "always on (a new document zeroes B only)",
+    "TTT_K_LORA": "always on", "TTT_O_LORA": "always on", "TTT_MLP_LORA": "always on",
+    "GLOBAL_TTT_MOMENTUM": "fixed at 0.9", "GLOBAL_TTT_EPOCHS": "fixed at 1", "GLOBAL_TTT_GRAD_CLIP": "fixed at 1.0",
+    "GLOBAL_TTT_CHUNK_TOKENS": "fixed at 32768", "GLOBAL_TTT_BATCH_SEQS": "fixed at 32",
 }
 
 
@@ -915,11 +953,14 @@ class CausalSelfAttention(nn.Module):
         self.attn_gate_w = (nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
                             if h.sparse_attn_gate_enabled else None)
 
-    def forward(self, x: Tensor, v_embed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, v_embed: Tensor | None = None, lora=None) -> Tensor:
+        """lora: one virtual layer's per-document adapters (ADAPTATION, DocLoRA); None: the plain path."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:
+            q, k, v = q + lora.q(x), k + lora.k(x), v + lora.v(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
         if v_embed is not None:
             v = v + v_embed
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -934,7 +975,8 @@ class CausalSelfAttention(nn.Module):
         if self.attn_gate_w is not None:  # sparse output gate: sigmoid per (token, head)
             g = F.linear(x[..., :self.gate_window], self.attn_gate_w.to(x.dtype))
             y = y * torch.sigmoid(self.gate_scale * g)[..., None]
-        return self.proj(y.reshape(B, T, C))
+        out = self.proj(y.reshape(B, T, C))
+        return out if lora is None else out + lora.o(x)  # the output adapter reads the attention input
 
 
 class MLP(nn.Module):
@@ -945,8 +987,9 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, h.model_dim, bias=False)
         self.proj._zero_init = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+    def forward(self, x: Tensor, lora=None) -> Tensor:
+        out = self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+        return out if lora is None else out + lora.mlp(x)  # a dim->dim adapter reading the MLP input
 
 
 class Block(nn.Module):
@@ -960,20 +1003,20 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.ln_scale_factor = 1.0 / math.sqrt(layer_idx + 1)
 
-    def forward(self, x: Tensor, x0: Tensor, v_embed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, v_embed: Tensor | None, lora=None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale_factor, v_embed)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale_factor)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale_factor, v_embed, lora)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale_factor, lora)
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, v_embed: Tensor | None,
-                      resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+                      resid: Tensor, post: Tensor, lora=None) -> tuple[Tensor, Tensor]:
         """Parallel residual: attention reads lane 0 (mixed with x0), the MLP reads lane 1; both
         outputs go to both lanes through the learned post[out, lane] and resid[lane] weights."""
         mix = self.resid_mix.to(lane0.dtype)
-        a = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.ln_scale_factor, v_embed)
+        a = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.ln_scale_factor, v_embed, lora)
         a = self.attn_scale.to(a.dtype) * a
-        m = self.mlp_scale.to(a.dtype) * self.mlp(rms_norm(lane1) * self.ln_scale_factor)
+        m = self.mlp_scale.to(a.dtype) * self.mlp(rms_norm(lane1) * self.ln_scale_factor, lora)
         resid, post = resid.to(a.dtype), post.to(a.dtype)
         lane0 = resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m
         lane1 = resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
@@ -1045,12 +1088,16 @@ class GPT(nn.Module):
         keep = (ids[:, 1:] != BOS_ID).to(x.dtype).unsqueeze(-1)
         return torch.cat((x[:, :1], x[:, 1:] + g * keep * x[:, :-1]), dim=1)
 
-    def forward_hidden(self, ids: Tensor) -> Tensor:
+    def forward_hidden(self, ids: Tensor, lora=None) -> Tensor:
+        """lora (per-document LoRA TTT): a DocLoRA with one adapter set per virtual layer of the current
+        depth order (layers[vi]); None is the plain forward."""
         x = rms_norm(self.embed(ids))
         x0, lane1 = x, None
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         v2p = self.virtual_layers()
         n_enc = len(v2p) // 2
+        if lora is not None and len(lora.layers) != len(v2p):
+            raise ValueError(f"LoRA adapters for {len(lora.layers)} layers, but the model runs {len(v2p)}")
         skips: list[Tensor] = []
         for vi, pi in enumerate(v2p):
             if vi >= n_enc and skips:
@@ -1060,18 +1107,22 @@ class GPT(nn.Module):
             v_embed = None
             if pi in self.ve_layers:
                 v_embed = ve * self.ve_layer_scales[self.ve_layers.index(pi)].to(ve.dtype)
+            ad = None if lora is None else lora.layers[vi]
             if vi >= n_enc and pi >= self.parallel_start:  # x is lane 0 from here
                 j = pi - self.parallel_start
                 x, lane1 = self.blocks[pi].forward_lanes(x, x if lane1 is None else lane1, x0, v_embed,
-                                                         self.parallel_resid_lambdas[j], self.parallel_post_lambdas[j])
+                                                         self.parallel_resid_lambdas[j], self.parallel_post_lambdas[j],
+                                                         ad)
             else:
-                x = self.blocks[pi](x, x0, v_embed)
+                x = self.blocks[pi](x, x0, v_embed, ad)
             if vi < n_enc:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
-    def logits(self, hidden: Tensor) -> Tensor:
+    def logits(self, hidden: Tensor, lora=None) -> Tensor:
         z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+        if lora is not None:  # the tied head's per-document adapter
+            z = z + lora.head(hidden)
         return self.logit_softcap * torch.tanh(z / self.logit_softcap)
 
     def forward_logits(self, ids: Tensor) -> Tensor:
@@ -2586,12 +2637,297 @@ def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
             p.grad = None
 
 
+# Per-document LoRA TTT with phased global SGD. The stream is split into documents at BOS; each
+# document is scored in chunks of TTT_CHUNK_SIZE targets by the base model plus its own rank-r
+# adapters, which take one Adam step on a chunk right after scoring it (and restart at every new
+# document). The first PHASED_TTT_PREFIX_DOCS documents form PHASED_TTT_NUM_PHASES phases; after each
+# phase is scored on every rank, the base weights take SGD steps on that phase's tokens.
+
+
+def find_documents(tokens: Tensor) -> list[tuple[int, int]]:
+    """The stream's documents as target-index ranges [s, e), in stream order. Document k starts at its
+    BOS (the first one at 0 even without a BOS) and ends at the token before the next BOS; its targets
+    (target i is token i+1) are its tokens after the BOS plus the next document's BOS, so the ranges
+    partition the targets 0..N-2 of an N-token stream."""
+    total = tokens.numel() - 1
+    if total <= 0:
+        return []
+    bos = (tokens[:total] == BOS_ID).nonzero().flatten().tolist()
+    starts = sorted({0, *bos})
+    return list(zip(starts, starts[1:] + [total]))
+
+
+def plan_phases(n_docs: int, prefix_docs: int, n_phases: int) -> list[tuple[str, int, int, bool]]:
+    """(name, first doc, end doc, global SGD after it): the prefix's phases, then the suffix. A phase is
+    followed by global SGD when documents remain after it."""
+    prefix = min(prefix_docs, n_docs) if n_phases > 0 else 0
+    bounds = [prefix * k // max(n_phases, 1) for k in range(max(n_phases, 1) + 1)]
+    out = [(f"{k + 1}/{n_phases}", a, b, b < n_docs) for k, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+    return out + ([("suffix", prefix, n_docs, False)] if n_docs > prefix else [])
+
+
+def lora_window(c: int, chunk: int, seq_len: int) -> tuple[int, int]:
+    """(start, length) in document-local positions of the window that scores chunk c: the last seq_len
+    tokens ending at the chunk's last input, taken at the chunk's nominal end (c+1)*chunk so that the
+    shape depends on c only (never on where the document ends); chunk c is its last `chunk` positions."""
+    end = (c + 1) * chunk
+    start = max(0, end - seq_len)
+    return start, end - start
+
+
+class BatchedLoRA(nn.Module):
+    """Rank-r adapters, one per document slot: x (S, T, in) -> (x A^T) B^T * alpha/r with A (S, r, in)
+    uniform in +-1/sqrt(in) and B (S, out, r) zero, so a fresh adapter adds exactly 0."""
+
+    def __init__(self, slots: int, d_in: int, d_out: int, rank: int, scale: float, gen: torch.Generator):
+        super().__init__()
+        bound = 1.0 / math.sqrt(d_in)
+        self.A = nn.Parameter(torch.empty(slots, rank, d_in).uniform_(-bound, bound, generator=gen))
+        self.B = nn.Parameter(torch.zeros(slots, d_out, rank))
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
+
+
+class LoraLayer(nn.Module):
+    """One virtual layer's adapters: q, k, v; o (added to the attention output) and mlp (added to the
+    MLP output) are dim->dim and read their sublayer's input."""
+
+    def __init__(self, make, dim: int, kv_dim: int):
+        super().__init__()
+        self.q, self.k, self.v = make(dim, dim), make(dim, kv_dim), make(dim, kv_dim)
+        self.o, self.mlp = make(dim, dim), make(dim, dim)
+
+
+class DocLoRA(nn.Module):
+    """The per-document adapters of TTT_BATCH_SIZE slots: one LoraLayer per virtual layer of the model's
+    depth order (the looped order when recurrence is active) and one on the tied head. A is drawn once
+    (seeded by SEED) and stays warm across documents; reset() zeroes every B (a new document)."""
+
+    def __init__(self, h: Hyperparameters, n_layers: int, device: torch.device):
+        super().__init__()
+        gen = torch.Generator().manual_seed(h.seed)
+        slots, rank = h.ttt_batch_size, h.ttt_lora_rank
+        make = lambda d_in, d_out: BatchedLoRA(slots, d_in, d_out, rank, h.ttt_lora_alpha / rank, gen)  # noqa: E731
+        self.layers = nn.ModuleList(LoraLayer(make, h.model_dim, h.num_kv_heads * h.head_dim) for _ in range(n_layers))
+        self.head = make(h.model_dim, h.vocab_size)
+        self.to(device)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                m.B.zero_()
+
+
+class SlotAdam:
+    """Adam with beta1 = 0 (step g / (sqrt(v_hat) + eps)) and decoupled weight decay, per document slot:
+    only `active` slots step (the others are untouched), each with its own bias correction, so that a
+    slot's adapters never depend on the other documents of its batch. reset(): every slot afresh."""
+
+    def __init__(self, params: list[nn.Parameter], h: Hyperparameters, device: torch.device):
+        self.params, self.lr, self.beta2, self.wd = params, h.ttt_lora_lr, h.ttt_beta2, h.ttt_weight_decay
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = torch.zeros(h.ttt_batch_size, dtype=torch.float64, device=device)
+
+    def reset(self) -> None:
+        for v in self.v:
+            v.zero_()
+        self.t.zero_()
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        self.t += active
+        corr = (1.0 - self.beta2 ** self.t).clamp(min=1e-30).sqrt().float()
+        for p, v in zip(self.params, self.v):
+            g, shape = p.grad, (-1,) + (1,) * (p.dim() - 1)
+            p.grad = None
+            if g is None:
+                continue
+            on = active.view(shape)
+            v.copy_(torch.where(on, self.beta2 * v + (1.0 - self.beta2) * g * g, v))
+            new = p * (1.0 - self.lr * self.wd) - self.lr * g / (v.sqrt() / corr.view(shape) + LORA_ADAM_EPS)
+            p.copy_(torch.where(on, new, p))
+
+
+class LoraTTT:
+    """Scores document batches with per-document adapters, score-first (see eval_lora_ttt). `trace`
+    (tests) receives ("score" | "adapt", target indices) in the order things happen."""
+
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
+                 meter: BpbMeter, tilt: NgramTilt | None = None, trace: list | None = None):
+        self.h, self.rt, self.model, self.tokens, self.luts = h, rt, model, tokens, luts
+        self.meter, self.tilt, self.trace = meter, tilt, trace
+        self.total = tokens.numel() - 1
+        self.lora = DocLoRA(h, len(model.virtual_layers()), rt.device)
+        self.opt = SlotAdam(list(self.lora.parameters()), h, rt.device)
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []  # the tilt's batch: nll, log q(hint), targets
+
+    def score_batch(self, docs: list[tuple[int, int]]) -> None:
+        """Documents `docs` (at most TTT_BATCH_SIZE target ranges) advance chunk by chunk together;
+        finished documents and empty slots are masked. The n-gram tilt scores the batch at its end."""
+        dev, pad = self.rt.device, self.h.ttt_batch_size - len(docs)
+        starts = torch.tensor([s for s, _ in docs] + [0] * pad, device=dev)
+        lens = torch.tensor([e - s for s, e in docs] + [0] * pad, device=dev)
+        n_chunks = [-(-(e - s) // self.h.ttt_chunk_size) for s, e in docs] + [0] * pad
+        self.lora.reset()
+        self.opt.reset()
+        for c in range(max(n_chunks)):
+            train = torch.tensor([c < n - 1 for n in n_chunks], device=dev)  # never on a document's last chunk
+            self.chunk_step(c, starts, lens, train)
+        self.flush()
+
+    def chunk_step(self, c: int, starts: Tensor, lens: Tensor, train: Tensor) -> None:
+        """Score chunk c of every document with the adapters as they are, then one Adam step on it."""
+        x, tidx, mask = self.chunk_inputs(c, starts, lens)
+        nll, logq = self.forward(x, tidx)
+        self.record(nll.detach(), logq, tidx, mask)
+        self.adapt(nll, tidx, mask & train[:, None])
+
+    def chunk_inputs(self, c: int, starts: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Window inputs (S, T) (0 past a document's end), chunk c's target indices (S, chunk) and which exist."""
+        C, dev = self.h.ttt_chunk_size, self.rt.device
+        ws, T = lora_window(c, C, self.h.eval_seq_len)
+        j = ws + torch.arange(T, device=dev)
+        x = torch.where(j < lens[:, None], self.tokens[(starts[:, None] + j).clamp(max=self.total)], 0)
+        local = c * C + torch.arange(C, device=dev)
+        return x, starts[:, None] + local, local < lens[:, None]
+
+    def forward(self, x: Tensor, tidx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """nll (S, chunk) of the chunk's targets (fp32 log-softmax of the softcapped logits), with grad
+        to the adapters; with the tilt also log q(hint)."""
+        y = self.tokens[(tidx + 1).clamp(max=self.total)]
+        with torch.enable_grad(), autocast(self.rt.device):
+            hidden = self.model.forward_hidden(x, self.lora)
+            z = self.model.logits(hidden[:, -tidx.size(1):], self.lora)
+        z = z.float()
+        if self.tilt is None:
+            return F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), reduction="none").view(y.shape), None
+        return _nll_and_hint_logq(z, y, self.tilt.hint[tidx.clamp(max=self.total - 1)])
+
+    def record(self, nll: Tensor, logq: Tensor | None, tidx: Tensor, mask: Tensor) -> None:
+        idx = tidx[mask]
+        if self.trace is not None:
+            self.trace.append(("score", idx.tolist()))
+        if self.tilt is None:
+            self.meter.add(nll[mask], self.tokens[idx], self.tokens[idx + 1], self.luts, idx)
+        else:
+            self.pending.append((nll[mask], logq[mask], idx))
+
+    def flush(self) -> None:
+        """The tilt's boosts for this batch come from earlier batches only; then the batch joins them."""
+        if not self.pending:
+            return
+        nll, logq, idx = (torch.cat(t) for t in zip(*self.pending))
+        self.pending = []
+        tgt = self.tokens[idx + 1]
+        self.meter.add(self.tilt.adjust(nll, logq, idx, tgt), self.tokens[idx], tgt, self.luts, idx)
+
+    def adapt(self, nll: Tensor, tidx: Tensor, mask: Tensor) -> None:
+        """One Adam step per training slot on the mean nll of its (already scored) chunk targets."""
+        active = mask.any(dim=1)
+        if not bool(active.any()):
+            return
+        per_doc = torch.where(mask, nll, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        per_doc.sum().backward()
+        self.opt.step(active)
+        if self.trace is not None:
+            self.trace.append(("adapt", tidx[mask].tolist()))
+
+
+def global_sgd(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, lo: int, hi: int,
+               trace: list | None = None) -> None:
+    """SGD on every base weight over targets [lo, hi), which every rank has scored: EVAL_SEQ_LEN-target
+    sequences (a partial last one is dropped), GLOBAL_TTT_BATCH_SEQS per step split over the ranks with
+    gradients all-reduced, momentum, gradient clip, lr cosine from GLOBAL_TTT_LR over chunks of
+    GLOBAL_TTT_CHUNK_TOKENS. `trace` (tests) receives ("global", target indices) per step."""
+    L = h.eval_seq_len
+    starts = list(range(lo, hi - L + 1, L))
+    if not starts or h.global_ttt_lr == 0:
+        return
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    per_chunk = max(1, GLOBAL_TTT_CHUNK_TOKENS // L)
+    plan = AdaptPlan(params=params, chunk=per_chunk * L, epochs=GLOBAL_TTT_EPOCHS, grad_clip=GLOBAL_TTT_GRAD_CLIP,
+                     make_opt=lambda ps: torch.optim.SGD(ps, lr=h.global_ttt_lr, momentum=GLOBAL_TTT_MOMENTUM),
+                     lr_at=lambda i, n: h.global_ttt_lr * 0.5 * (1.0 + math.cos(math.pi * i / n)),
+                     batch_seqs=GLOBAL_TTT_BATCH_SEQS, label="global_ttt")
+    trainer = _ChunkTrainer(h, rt, model, tokens, plan)
+    chunks = [starts[i:i + per_chunk] for i in range(0, len(starts), per_chunk)]
+    model.train()
+    for _ in range(plan.epochs):
+        for i, chunk in enumerate(chunks):
+            for g in trainer.opt.param_groups:
+                g["lr"] = plan.lr_at(i, len(chunks))
+            for b in range(0, len(chunk), plan.batch_seqs):
+                if trace is not None:
+                    trace.append(("global", [t for st in trainer.split(chunk[b:b + plan.batch_seqs])
+                                             for t in range(st, st + L)]))
+                trainer.step(chunk[b:b + plan.batch_seqs])
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+
+
+def eval_lora_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
+                  use_ngram: bool = False, trace: list | None = None,
+                  meter: BpbMeter | None = None) -> tuple[float, float]:
+    """Per-document LoRA TTT with phased global SGD (legal; adapts `model`, give it its own copy).
+
+    Documents (find_documents) in stream order; each phase's documents are split into contiguous rank
+    ranges and scored in batches of TTT_BATCH_SIZE (LoraTTT): every target is scored once, by the base
+    as it was when the phase began plus its document's adapters trained on the document's earlier
+    chunks only. After a prefix phase is scored on every rank, global_sgd trains the base on that
+    phase's targets; later phases (and the suffix) are scored with the updated base. The n-gram tilt
+    composes: hints read the prefix, and each batch's boosts come from this rank's earlier batches
+    (documents earlier in the stream). ETLB does not compose with this mode. Scores are summed over
+    the ranks at the end."""
+    tokens = tokens.to(rt.device)
+    docs = find_documents(tokens)
+    phases = plan_phases(len(docs), h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
+    meter = meter or BpbMeter(rt.device)
+    tilt = NgramTilt(h, rt, tokens) if use_ngram else None
+    label = lora_label(use_ngram)
+    log(f"{label}: docs:{len(docs)} phases:{','.join(f'{n}:{b - a}' for n, a, b, _ in phases)} "
+        f"rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha:g} lr:{h.ttt_lora_lr:g} chunk:{h.ttt_chunk_size} "
+        f"batch_docs:{h.ttt_batch_size} global_lr:{h.global_ttt_lr:g}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scorer = LoraTTT(h, rt, model, tokens, luts, meter, tilt, trace)
+    t0 = time.perf_counter()
+    for name, d0, d1, then_sgd in phases:
+        mine = rank_share(docs[d0:d1], rt)
+        for b in range(0, len(mine), h.ttt_batch_size):
+            scorer.score_batch(mine[b:b + h.ttt_batch_size])
+        t1 = time.perf_counter()
+        if then_sgd:
+            global_sgd(h, rt, model, tokens, docs[d0][0], docs[d1 - 1][1], trace)
+        sgd_s = time.perf_counter() - t1
+        _, bpb = meter.result(rt)
+        log(f"{label}: phase:{name} docs:{d1}/{len(docs)} running_bpb:{bpb:.6f} "
+            f"elapsed:{time.perf_counter() - t0:.1f}s global_sgd:{sgd_s:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    log_adapters(None, tilt)
+    log_rank_seconds(rt, label, time.perf_counter() - t0)
+    return meter.result(rt)
+
+
+def lora_label(ngram: bool) -> str:
+    return "lora_ttt" + ("_ngram" if ngram else "")
+
+
 # =============================================================================
 # MAIN
 # run() = obtain the model (train, or load a checkpoint) -> build the artifact (GPTQ, fit under
 # the cap, write) -> evaluate the artifact reloaded from disk (roundtrip, sliding, then the
-# enabled adaptations together). Score lines end like the records' (`eval_time:Nms`); whether
-# the run is leaderboard-legal is said on its own `legality:` line and on `final_score`.
+# enabled adaptations together, then per-document LoRA TTT when on). Score lines end like the
+# records' (`eval_time:Nms`); whether the run is leaderboard-legal is said on its own
+# `legality:` line and on `final_score`.
 # =============================================================================
 
 PRE_QUANT_TTT_REASON = ("pre-quant TTT trained the artifact on validation tokens that are then re-scored "
@@ -2612,6 +2948,7 @@ Most used settings (defaults in brackets):
   ITERATIONS [20000]  MAX_WALLCLOCK_SECONDS [600]  TRAIN_BATCH_TOKENS [786432]
   NUM_LAYERS [11]  MODEL_DIM [512]  COMPILE [1]
   TTT_ENABLED [1]  ETLB_ENABLED [1]  NGRAM_TILT [1]  EVAL_ABLATIONS [0]
+  TTT_LORA_ENABLED [0] (per-document LoRA TTT with phased global SGD, legal; scored last, so the final score)
   PRE_QUANT_TTT [0] (the requested recipe; its scores are labelled not leaderboard-legal)
   LOAD_CHECKPOINT / LOAD_ARTIFACT [empty]: skip training / skip training and quantization
 Every setting, with its meaning: README.md, section "Environment variables".
@@ -2761,6 +3098,11 @@ def evaluate_artifact(ctx: RunContext, blob: bytes) -> None:
                                               use_etlb=etlb, use_ngram=ngram))
         else:
             ctx.score(final, lambda: eval_sliding(h, rt, model, tokens, luts, use_etlb=etlb, use_ngram=ngram))
+    for ngram in lora_modes(h):  # after the others: with TTT_LORA_ENABLED=1 it is the final score
+        final = "final_int6_" + lora_label(ngram)
+        with ctx.timer.stage(lora_label(ngram)):  # its own stage line; its seconds count once, in ctx.score
+            ctx.score(final, lambda: eval_lora_ttt(h, rt, model_from_decoded(h, rt, decoded, source), tokens, luts,
+                                                   use_ngram=ngram))
     legal = not ctx.reasons
     ctx.results.update(final_metric=final, final_bpb=ctx.results["scores"][final], legal=legal,
                        reasons=ctx.reasons, eval_seconds=ctx.timer.eval_seconds)
@@ -2778,6 +3120,14 @@ def eval_modes(h: Hyperparameters) -> list[tuple[bool, bool, bool]]:
     subsets = [m for m in itertools.product((False, True), repeat=3)
                if any(m) and m != on and all(a <= b for a, b in zip(m, on))]
     return sorted(subsets, key=lambda m: (m[0], sum(m), m)) + full
+
+
+def lora_modes(h: Hyperparameters) -> list[bool]:
+    """n-gram flags of the per-document LoRA TTT passes (TTT_LORA_ENABLED=1): with the tilt when NGRAM_TILT=1,
+    preceded with EVAL_ABLATIONS=1 by the pass without it."""
+    if not h.ttt_lora_enabled:
+        return []
+    return ([False] if h.eval_ablations and h.ngram_tilt else []) + [h.ngram_tilt]
 
 
 def save_checkpoint(h: Hyperparameters, rt: Runtime, model: GPT, hessians: dict[str, Tensor]) -> None:

@@ -19,6 +19,7 @@ Also: plan_windows/chunk_windows partition the targets.
 from __future__ import annotations
 
 import copy
+import itertools
 import dataclasses
 import math
 from typing import Callable, NamedTuple
@@ -511,3 +512,179 @@ def test_harness_catches_noncausal_attention(setup, monkeypatch):
     monkeypatch.setattr(tg, "attention", bidirectional)
     v = causality_violations(mode_runner(s, "sliding"), s.tokens, LEAK_POSITIONS, s.h.vocab_size)
     assert [x.position for x in v] == list(LEAK_POSITIONS)
+
+
+# ============================================================================ per-document LoRA TTT
+# The same stream with BOS written at LORA_BOS (plus its own at 0 and 523): 11 documents, one of a single
+# target, most longer than the 64-token window. 6 prefix documents in 2 phases: phase 1 = documents 0-2
+# (targets 0..199), phase 2 = documents 3-5 (200..469), then 5 suffix documents in batches [6, 7, 8], [9, 10].
+
+LORA_BOS = (60, 61, 200, 330, 345, 470, 700, 790, 1000)
+# phase 1 (its SGD trains on it); phase 2 (likewise); document 7 (suffix, slot 1 of its batch); document 9's
+# first chunk (it has 210 targets, so its adapter carries the change beyond the windows); the last target
+LORA_POSITIONS = (100, 250, 600, 800, N_TARGETS - 2)
+LORA_SAFE = LORA_POSITIONS + (540,)
+
+
+@pytest.fixture
+def lora_setup(setup) -> Setup:
+    tokens = setup.tokens.clone()
+    tokens[list(LORA_BOS)] = tg.BOS_ID
+    assert len(tg.find_documents(tokens)) == 11
+    for p in LORA_SAFE:  # the perturbations leave the document boundaries alone
+        assert tg.BOS_ID not in (tokens[p - 1], tokens[p], perturbed(tokens, p, setup.h.vocab_size)[p])
+    h = dataclasses.replace(setup.h, ttt_lora_rank=4, ttt_lora_lr=0.003, ttt_chunk_size=32, ttt_batch_size=3,
+                            phased_ttt_num_phases=2, phased_ttt_prefix_docs=6, global_ttt_lr=0.05, eval_seq_len=64)
+    h.validate()
+    return dataclasses.replace(setup, h=h, tokens=tokens)
+
+
+def run_lora(s: Setup, tokens: torch.Tensor, ngram: bool = False, trace: list | None = None) -> torch.Tensor:
+    """One LoRA TTT pass on `tokens`; asserts exactly-once scoring; returns per-target nll."""
+    total = tokens.numel() - 1
+    meter = tg.BpbMeter(s.rt.device, track=total)
+    loss, _ = tg.eval_lora_ttt(s.h, s.rt, fresh_model(s), tokens, s.luts, use_ngram=ngram, trace=trace, meter=meter)
+    assert_scored_once(meter, total)
+    assert loss == pytest.approx(meter.token_nll.mean().item(), rel=1e-9)
+    return meter.token_nll.clone()
+
+
+def lora_event_violations(events: list) -> list[tuple[str, int]]:
+    """(kind, target): an adapter step ("adapt") or the base's phase SGD ("global") that used a target
+    not yet scored, or a target scored ("score") after the base had trained on it or on a later one."""
+    scored, base_max, bad = set(), -1, []
+    for kind, idx in events:
+        if kind == "score":
+            bad += [("score", t) for t in idx if t <= base_max][:1]
+            scored.update(idx)
+        else:
+            bad += [(kind, t) for t in idx if t not in scored][:1]
+            if kind == "global" and idx:
+                base_max = max(base_max, max(idx))
+    return bad
+
+
+@pytest.mark.parametrize("ngram", [False, True])
+def test_lora_ttt_is_causal_and_carries_state(lora_setup, ngram):
+    s = lora_setup
+    # with the tilt, 540 (document 7's first chunk, while document 6 of its batch is still at its chunk 1)
+    # checks that the tilt's boosts use whole earlier batches only
+    positions = LORA_POSITIONS if not ngram else (250, 540, 800)
+    runs = perturbation_runs(lambda t: run_lora(s, t, ngram), s.tokens, positions, s.h.vocab_size)
+    assert causality_violations(None, s.tokens, positions, s.h.vocab_size, runs=runs) == []
+    base, changed = runs
+    d = {p: changed[p] != base for p in positions}
+    assert all(d[p][p - 1] for p in positions)  # the changed token's own target (not vacuous)
+    assert d[250][470:].float().mean() > 0.5  # the phase SGD carries the change to every later phase
+    assert d[800][860:1000].any()  # the adapter carries it beyond the windows that hold token 800 (chunks 0, 1)
+    if not ngram:  # slots are independent: the other documents of 600's batch, and the next batch's slot 0
+        assert d[100][200:470].float().mean() > 0.5
+        assert not d[600][700:1000].any() and d[600][600:700].any()
+        assert not d[N_TARGETS - 2][:N_TARGETS - 3].any()
+
+
+def test_lora_ttt_adapts_only_on_scored_targets(lora_setup):
+    s = lora_setup
+    events = []
+    run_lora(s, s.tokens, ngram=True, trace=events)
+    assert lora_event_violations(events) == []
+    kinds = [k for k, _ in events]
+    assert kinds.count("adapt") >= 10 and kinds.count("global") == 2  # not vacuous: one SGD step per phase
+    assert sorted(t for k, idx in events if k == "score" for t in idx) == list(range(N_TARGETS))
+
+
+class AdaptFirstLoraTTT(tg.LoraTTT):
+    """LEAK: chunk c's Adam step comes before chunk c is scored."""
+
+    def chunk_step(self, c, starts, lens, train):
+        x, tidx, mask = self.chunk_inputs(c, starts, lens)
+        nll, _ = self.forward(x, tidx)
+        self.adapt(nll, tidx, mask & train[:, None])
+        nll, logq = self.forward(x, tidx)
+        self.record(nll.detach(), logq, tidx, mask)
+
+
+def test_harness_catches_lora_adapting_before_scoring(lora_setup, monkeypatch):
+    s = lora_setup
+    monkeypatch.setattr(tg, "LoraTTT", AdaptFirstLoraTTT)
+    v = causality_violations(lambda t: run_lora(s, t), s.tokens, (100, N_TARGETS - 2), s.h.vocab_size)
+    # flagged where the chunk holding p is trained on, i.e. is not its document's last (1122's is)
+    assert [x.position for x in v] == [100]
+    events = []
+    run_lora(s, s.tokens, trace=events)
+    assert lora_event_violations(events)[0][0] == "adapt"
+
+
+_REAL_GLOBAL_SGD = tg.global_sgd
+
+
+def overreaching_global_sgd(h, rt, model, tokens, lo, hi, trace=None):
+    """LEAK: a phase's SGD also trains on the next 100 targets, of documents not yet scored."""
+    _REAL_GLOBAL_SGD(h, rt, model, tokens, lo, hi + 100, trace)
+
+
+def test_harness_catches_a_phase_training_on_unscored_documents(lora_setup, monkeypatch):
+    s = lora_setup
+    monkeypatch.setattr(tg, "global_sgd", overreaching_global_sgd)
+    v = causality_violations(lambda t: run_lora(s, t), s.tokens, (250, 600), s.h.vocab_size)
+    # phase 1's SGD now reads targets 0..255: a change at 250 moves phase 2's scores of targets 200..248
+    # (phase 2's now reads 200..519, so 600 is still only scored before any update that used it)
+    assert [x.position for x in v] == [250]
+    events = []
+    run_lora(s, s.tokens, trace=events)
+    assert lora_event_violations(events)[0] == ("global", 200)
+
+
+def _lora_two_rank_worker(rank: int, path: str, init: str) -> None:
+    torch.set_num_threads(1)
+    tg.configure_logging(None, False)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        h, state, streams = torch.load(path + ".in", weights_only=False)
+        rt = tg.Runtime(rank=rank, world_size=2, distributed=True)
+        luts = tg.build_byte_luts(tg.load_tokenizer(h), h.vocab_size, rt.device)
+        out = []
+        for toks in streams:
+            model = tg.build_model(h, rt, init_weights=False)
+            model.load_state_dict(state)
+            model.recurrence_active = True
+            meter, trace = tg.BpbMeter(rt.device, track=toks.numel() - 1), []
+            result = tg.eval_lora_ttt(h, rt, model, toks, luts, use_ngram=True, trace=trace, meter=meter)
+            out.append((result, meter.token_nll, meter.token_count, model.state_dict(), trace))
+        torch.save(out, f"{path}.out{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def merge_rank_events(traces: list[list]) -> list:
+    """The ranks' event logs as one: phase by phase (every rank's scoring, then every rank's SGD steps),
+    which is the order the phase barrier enforces."""
+    groups = [[list(g) for _, g in itertools.groupby(t, key=lambda e: e[0] == "global")] for t in traces]
+    assert len({len(g) for g in groups}) == 1  # every rank scored in every phase
+    return [e for parts in zip(*groups) for part in parts for e in part]
+
+
+def test_lora_ttt_two_ranks_gloo(lora_setup, tmp_path):
+    # 2 processes: each phase's documents split into contiguous rank ranges, the phase SGD's gradients
+    # all-reduced, scores summed. Exactly once over the union, causal, both ranks end with one base.
+    import torch.multiprocessing as mp
+    s = lora_setup
+    positions = (250,)
+    streams = [s.tokens] + [perturbed(s.tokens, p, s.h.vocab_size) for p in positions]
+    torch.save((s.h, fresh_model(s).state_dict(), streams), tmp_path / "run.in")
+    mp.spawn(_lora_two_rank_worker, args=(str(tmp_path / "run"), f"file://{tmp_path / 'rdv'}"), nprocs=2, join=True)
+    outs = [torch.load(tmp_path / f"run.out{r}", weights_only=False) for r in range(2)]
+    union = []
+    for i in range(len(streams)):
+        (res0, nll0, cnt0, sd0, tr0), (res1, nll1, cnt1, sd1, tr1) = outs[0][i], outs[1][i]
+        assert (cnt0 + cnt1).eq(1).all() and cnt0.any() and cnt1.any()
+        nll = torch.where(cnt0 > 0, nll0, nll1)
+        assert res0 == res1 and res0[0] == pytest.approx(nll.mean().item(), rel=1e-9)
+        assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)  # the phase SGD kept the ranks' bases equal
+        assert not torch.equal(sd0["tok_emb.weight"], s.state["tok_emb.weight"])
+        assert lora_event_violations(merge_rank_events([tr0, tr1])) == []
+        union.append(nll)
+    changed = dict(zip(positions, union[1:]))
+    assert causality_violations(None, s.tokens, positions, s.h.vocab_size, runs=(union[0], changed)) == []
+    assert all(changed[p][p - 1] != union[0][p - 1] for p in positions)
+    assert (changed[250][470:] != union[0][470:]).any()  # rank 0's phase-2 document moved the shared base

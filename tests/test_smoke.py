@@ -264,3 +264,38 @@ def test_two_process_ttt_shared_and_per_rank_chains(dataset, workdir, base_run):
         assert len(per_rank) == 2 and (min(per_rank), max(per_rank)) == (fastest, slowest)
         assert per_rank[0] == run.number("ttt_etlb_ngram: loop_seconds", "rank0:")
     assert scores["shared"] != scores["rank"]  # different adaptation, both complete
+
+
+def test_lora_ttt_eval_only_runs(dataset, workdir, base_run):
+    # Eval-only from the base run's artifact with TTT_LORA_ENABLED=1 (whole-model TTT and ETLB off), on one
+    # process and on 2 gloo ranks: its stage and score lines, per-phase lines, and it is the legal final score.
+    art = str(base_run.cwd / "model.ptz")
+    scores = {}
+    for nproc in (1, 2):
+        env = tiny_env_for(dataset, workdir / f"lora{nproc}", LOAD_ARTIFACT=art, TTT_ENABLED="0", ETLB_ENABLED="0",
+                           TTT_LORA_ENABLED="1", TTT_LORA_RANK="8", TTT_BATCH_SIZE="4", TTT_LORA_LR="0.001",
+                           TTT_CHUNK_SIZE="128", PHASED_TTT_PREFIX_DOCS="6", PHASED_TTT_NUM_PHASES="2")
+        run = main_run(workdir / f"lora{nproc}", env, nproc=nproc)
+        run.check_ok()
+        assert re.search(r"^lora_ttt_ngram: docs:13 phases:1/2:3,2/2:3,suffix:7 rank:8 alpha:144 lr:0.001 chunk:128 "
+                         r"batch_docs:4 global_lr:0.001$", run.log, re.M)
+        for name, docs in (("1/2", 3), ("2/2", 6), ("suffix", 13)):
+            line = run.line(f"lora_ttt_ngram: phase:{name} ")
+            assert re.search(rf"docs:{docs}/13 running_bpb:[0-9.]+ elapsed:[0-9.]+s global_sgd:[0-9.]+s$", line)
+        assert run.number("lora_ttt_ngram: phase:1/2", "global_sgd:") > 0
+        assert run.number("lora_ttt_ngram: phase:suffix", "global_sgd:") == 0
+        assert run.has("stage:lora_ttt_ngram seconds:") and run.has("final_int6_sliding_window_ngram val_loss:")
+        assert re.search(r" val_loss:[0-9.]+ val_bpb:[0-9.]+ eval_time:\d+ms$", run.line("final_int6_lora_ttt_ngram"))
+        assert re.search(r"final_score metric:final_int6_lora_ttt_ngram val_bpb:[0-9.]+ legal:1$",
+                         run.line("final_score"))
+        assert run.line("legality:") == "legality: legal:1"
+        # evaluation seconds = every scoring pass once (LoRA TTT's included) + loading the artifact
+        passes = re.findall(r"^\S+ val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms$", run.log, re.M)
+        total = sum(float(m) for m in passes) / 1000 + run.number("stage:deserialize", "seconds:")
+        assert run.number("eval_time_total:", "eval_time_total:") == pytest.approx(total, abs=0.1 + 0.01 * total)
+        lora_s = run.number("final_int6_lora_ttt_ngram", "eval_time:") / 1000
+        assert run.number("stage:lora_ttt_ngram", "seconds:") >= lora_s - 0.01
+        scores[nproc] = run.number("final_int6_lora_ttt_ngram", "val_bpb:")
+        sliding = run.number("final_int6_sliding_window_ngram", "val_bpb:")
+        assert abs(scores[nproc] - sliding) < 0.2 * sliding
+    assert scores[1] != scores[2]  # the ranks' documents get their own adapter chains and tilt chains
