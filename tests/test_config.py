@@ -198,3 +198,28 @@ def test_every_field_is_in_readme_env_table():
     assert not missing, f"README env table lacks {missing}"
     extra = sorted(documented - {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)})
     assert not extra, f"README env table lists {extra}, which are not settings"
+
+
+def test_readme_env_table_defaults_match_the_code():
+    """The README's default column is the dataclass default (a stale row misleads every user)."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("## Environment variables", 1)[1]
+    section = re.split(r"\n## ", section, maxsplit=1)[0]
+    rows = {m.group(1): m.group(2).strip().strip("`") for m in
+            re.finditer(r"^\|\s*`?([A-Z][A-Z0-9_]*)`?\s*\|([^|]*)\|", section, flags=re.M)}
+    stale = []
+    for f in dataclasses.fields(tg.Hyperparameters):
+        shown, d = rows[f.name.upper()], f.default
+        if f.name == "run_id":  # documented as what the empty default turns into
+            continue
+        if isinstance(d, bool):
+            ok = shown == str(int(d))
+        elif isinstance(d, (int, float)):
+            try:
+                ok = float(shown) == float(d)
+            except ValueError:
+                ok = False
+        else:
+            ok = shown == d or (d == "" and shown in ("empty", "(empty)"))
+        if not ok:
+            stale.append(f"{f.name.upper()}: README {shown!r}, code {d!r}")
+    assert not stale, stale
