@@ -84,6 +84,15 @@ def build_dataset(root: Path) -> tuple[Path, int]:
     return root, vocab
 
 
+def with_documents(tokens: torch.Tensor, starts) -> torch.Tensor:
+    """A copy of `tokens` with BOS exactly at 0 and at `starts` (any other BOS becomes token 5), so
+    that document tests see the same structure on the bench's FineWeb text and on synthetic text."""
+    out = tokens.clone()
+    out[out == tg.BOS_ID] = 5
+    out[[0, *starts]] = tg.BOS_ID
+    return out
+
+
 def perturbed_tiny_model(dataset, seed: int = 0):
     """(h, rt, model): TINY on CPU with random non-zero projections (the zero-initialised ones
     would make quantization and context trivial)."""

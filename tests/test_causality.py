@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 
+from conftest import with_documents
+
 N_TARGETS = 1124  # 4 full 256-target TTT chunks + a partial 5th; not a multiple of EVAL_SEQ_LEN
 CHUNK = 256
 # token positions to change: inside window 0 / chunk 0; mid chunk 1; the chunk-1/2 boundary
@@ -519,7 +521,7 @@ def test_harness_catches_noncausal_attention(setup, monkeypatch):
 # target, most longer than the 64-token window. 6 prefix documents in 2 phases: phase 1 = documents 0-2
 # (targets 0..199), phase 2 = documents 3-5 (200..469), then 5 suffix documents in batches [6, 7, 8], [9, 10].
 
-LORA_BOS = (60, 61, 200, 330, 345, 470, 700, 790, 1000)
+LORA_BOS = (60, 61, 200, 330, 345, 470, 523, 700, 790, 1000)  # with the BOS at 0: 11 documents
 # phase 1 (its SGD trains on it); phase 2 (likewise); document 7 (suffix, slot 1 of its batch); document 9's
 # first chunk (it has 210 targets, so its adapter carries the change beyond the windows); the last target
 LORA_POSITIONS = (100, 250, 600, 800, N_TARGETS - 2)
@@ -528,8 +530,7 @@ LORA_SAFE = LORA_POSITIONS + (540,)
 
 @pytest.fixture
 def lora_setup(setup) -> Setup:
-    tokens = setup.tokens.clone()
-    tokens[list(LORA_BOS)] = tg.BOS_ID
+    tokens = with_documents(setup.tokens, LORA_BOS)
     assert len(tg.find_documents(tokens)) == 11
     for p in LORA_SAFE:  # the perturbations leave the document boundaries alone
         assert tg.BOS_ID not in (tokens[p - 1], tokens[p], perturbed(tokens, p, setup.h.vocab_size)[p])

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 
-from conftest import perturbed_tiny_model
+from conftest import perturbed_tiny_model, with_documents
 
 N_TOKENS = 1125
-EXTRA_BOS = (60, 61, 200, 330, 345, 470, 700, 790, 1000)  # with the stream's own BOS at 0 and 523: 11 documents
+EXTRA_BOS = (60, 61, 200, 330, 345, 470, 523, 700, 790, 1000)  # with the BOS at 0: 11 documents
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,7 @@ def lora(dataset):
     h = dataclasses.replace(h, ttt_lora_rank=4, ttt_chunk_size=32, ttt_batch_size=3, ttt_lora_lr=0.003,
                             phased_ttt_num_phases=0, global_ttt_lr=0.05, phased_ttt_prefix_docs=6, eval_seq_len=64)
     h.validate()
-    tokens = tg.load_validation_tokens(h)[:N_TOKENS].clone()
-    tokens[list(EXTRA_BOS)] = tg.BOS_ID
+    tokens = with_documents(tg.load_validation_tokens(h)[:N_TOKENS], EXTRA_BOS)
     luts = tg.build_byte_luts(tg.load_tokenizer(h), h.vocab_size, rt.device)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return h, rt, state, tokens, luts
