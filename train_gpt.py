@@ -2537,14 +2537,23 @@ class _ChunkTrainer:
     def train_chunk(self, c: int, lr: float, trace=None) -> None:
         plan, L, total = self.plan, self.h.eval_seq_len, self.tokens.numel() - 1
         starts = [st for st in range(c * plan.chunk, (c + 1) * plan.chunk, L) if st + L <= total]
-        step_seqs = plan.batch_seqs or len(starts)  # global sequences per optimizer step
-        batches = [starts[j:j + step_seqs] for j in range(0, len(starts), step_seqs)]
         if trace is not None:  # token index ranges this rank reads
-            trace[("train", c)] = [(st, st + 1, st + L + 1) for b in batches for st in self.split(b)]
+            trace[("train", c)] = [(st, st + 1, st + L + 1) for b in self.batches(starts) for st in self.split(b)]
+        self.train_starts(starts, lr)
+
+    def batches(self, starts: list[int]) -> list[list[int]]:
+        """The sequence starts of one optimizer step each (BATCH_SEQS global sequences; 0: all)."""
+        step_seqs = self.plan.batch_seqs or len(starts)
+        return [starts[j:j + step_seqs] for j in range(0, len(starts), step_seqs)]
+
+    def train_starts(self, starts: list[int], lr: float, on_step=None) -> None:
+        """`epochs` passes over the sequences at `starts` at learning rate lr; on_step(batch) before each step."""
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.model.train()
-        for b in batches * plan.epochs:  # epoch-major: every batch of the chunk, `epochs` times
+        for b in self.batches(starts) * self.plan.epochs:  # epoch-major: every batch, `epochs` times
+            if on_step is not None:
+                on_step(b)
             self.step(b)
 
     def step(self, batch: list[int]) -> None:
@@ -2856,16 +2865,10 @@ def global_sgd(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, lo: 
                      batch_seqs=GLOBAL_TTT_BATCH_SEQS, label="global_ttt")
     trainer = _ChunkTrainer(h, rt, model, tokens, plan)
     chunks = [starts[i:i + per_chunk] for i in range(0, len(starts), per_chunk)]
-    model.train()
-    for _ in range(plan.epochs):
-        for i, chunk in enumerate(chunks):
-            for g in trainer.opt.param_groups:
-                g["lr"] = plan.lr_at(i, len(chunks))
-            for b in range(0, len(chunk), plan.batch_seqs):
-                if trace is not None:
-                    trace.append(("global", [t for st in trainer.split(chunk[b:b + plan.batch_seqs])
-                                             for t in range(st, st + L)]))
-                trainer.step(chunk[b:b + plan.batch_seqs])
+    on_step = None if trace is None else \
+        lambda b: trace.append(("global", [t for st in trainer.split(b) for t in range(st, st + L)]))
+    for i, chunk in enumerate(chunks):  # GLOBAL_TTT_EPOCHS passes over each chunk
+        trainer.train_starts(chunk, plan.lr_at(i, len(chunks)), on_step)
     model.eval()
     for p in params:
         p.requires_grad_(False)
