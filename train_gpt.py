@@ -2686,12 +2686,14 @@ def lora_window(c: int, chunk: int, seq_len: int) -> tuple[int, int]:
 
 class BatchedLoRA(nn.Module):
     """Rank-r adapters, one per document slot: x (S, T, in) -> (x A^T) B^T * alpha/r with A (S, r, in)
-    uniform in +-1/sqrt(in) and B (S, out, r) zero, so a fresh adapter adds exactly 0."""
+    uniform in +-1/sqrt(in), the same draw in every slot, and B (S, out, r) zero, so a fresh adapter
+    adds exactly 0 and a document's adapters do not depend on its slot or the batch size."""
 
     def __init__(self, slots: int, d_in: int, d_out: int, rank: int, scale: float, gen: torch.Generator):
         super().__init__()
         bound = 1.0 / math.sqrt(d_in)
-        self.A = nn.Parameter(torch.empty(slots, rank, d_in).uniform_(-bound, bound, generator=gen))
+        a = torch.empty(rank, d_in).uniform_(-bound, bound, generator=gen)
+        self.A = nn.Parameter(a.expand(slots, rank, d_in).clone())
         self.B = nn.Parameter(torch.zeros(slots, d_out, rank))
         self.scale = scale
 
@@ -2712,7 +2714,8 @@ class LoraLayer(nn.Module):
 class DocLoRA(nn.Module):
     """The per-document adapters of TTT_BATCH_SIZE slots: one LoraLayer per virtual layer of the model's
     depth order (the looped order when recurrence is active) and one on the tied head. A is drawn once
-    (seeded by SEED) and stays warm across documents; reset() zeroes every B (a new document)."""
+    (seeded by SEED); reset() (a new batch of documents) restores every A to that draw and zeroes every
+    B, so a document's adapters depend on nothing but its own tokens."""
 
     def __init__(self, h: Hyperparameters, n_layers: int, device: torch.device):
         super().__init__()
@@ -2722,12 +2725,14 @@ class DocLoRA(nn.Module):
         self.layers = nn.ModuleList(LoraLayer(make, h.model_dim, h.num_kv_heads * h.head_dim) for _ in range(n_layers))
         self.head = make(h.model_dim, h.vocab_size)
         self.to(device)
+        self.adapters = [m for m in self.modules() if isinstance(m, BatchedLoRA)]
+        self.a0 = [m.A.detach().clone() for m in self.adapters]
 
     @torch.no_grad()
     def reset(self) -> None:
-        for m in self.modules():
-            if isinstance(m, BatchedLoRA):
-                m.B.zero_()
+        for m, a0 in zip(self.adapters, self.a0):
+            m.A.copy_(a0)
+            m.B.zero_()
 
 
 class SlotAdam:
@@ -2774,8 +2779,9 @@ class LoraTTT:
         self.pending: list[tuple[Tensor, Tensor, Tensor]] = []  # the tilt's batch: nll, log q(hint), targets
 
     def score_batch(self, docs: list[tuple[int, int]]) -> None:
-        """Documents `docs` (at most TTT_BATCH_SIZE target ranges) advance chunk by chunk together;
-        finished documents and empty slots are masked. The n-gram tilt scores the batch at its end."""
+        """Documents `docs` (at most TTT_BATCH_SIZE target ranges, any order) advance chunk by chunk
+        together from fresh adapters; finished documents and empty slots are masked. With the tilt, the
+        scores wait in `pending` for flush()."""
         dev, pad = self.rt.device, self.h.ttt_batch_size - len(docs)
         starts = torch.tensor([s for s, _ in docs] + [0] * pad, device=dev)
         lens = torch.tensor([e - s for s, e in docs] + [0] * pad, device=dev)
@@ -2785,7 +2791,6 @@ class LoraTTT:
         for c in range(max(n_chunks)):
             train = torch.tensor([c < n - 1 for n in n_chunks], device=dev)  # never on a document's last chunk
             self.chunk_step(c, starts, lens, train)
-        self.flush()
 
     def chunk_step(self, c: int, starts: Tensor, lens: Tensor, train: Tensor) -> None:
         """Score chunk c of every document with the adapters as they are, then one Adam step on it."""
@@ -2824,14 +2829,23 @@ class LoraTTT:
         else:
             self.pending.append((nll[mask], logq[mask], idx))
 
-    def flush(self) -> None:
-        """The tilt's boosts for this batch come from earlier batches only; then the batch joins them."""
+    def flush(self, groups: list[tuple[int, int]]) -> None:
+        """The tilt over the pending scores, group by group: `groups` are target ranges in stream order
+        (TTT_BATCH_SIZE consecutive documents each), and a group's boosts come from the earlier groups
+        only; then the group joins them. So the tilt reads the stream in order whatever order the
+        documents were scored in."""
         if not self.pending:
             return
         nll, logq, idx = (torch.cat(t) for t in zip(*self.pending))
         self.pending = []
-        tgt = self.tokens[idx + 1]
-        self.meter.add(self.tilt.adjust(nll, logq, idx, tgt), self.tokens[idx], tgt, self.luts, idx)
+        order = torch.argsort(idx)
+        nll, logq, idx = nll[order], logq[order], idx[order]
+        cuts = torch.searchsorted(idx, torch.tensor([a for a, _ in groups] + [groups[-1][1]], device=idx.device))
+        for a, b in zip(cuts.tolist(), cuts[1:].tolist()):
+            if b > a:
+                tgt = self.tokens[idx[a:b] + 1]
+                self.meter.add(self.tilt.adjust(nll[a:b], logq[a:b], idx[a:b], tgt), self.tokens[idx[a:b]],
+                               tgt, self.luts, idx[a:b])
 
     def adapt(self, nll: Tensor, tidx: Tensor, mask: Tensor) -> None:
         """One Adam step per training slot on the mean nll of its (already scored) chunk targets."""
@@ -2880,13 +2894,14 @@ def eval_lora_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
                   meter: BpbMeter | None = None) -> tuple[float, float]:
     """Per-document LoRA TTT with phased global SGD (legal; adapts `model`, give it its own copy).
 
-    Documents (find_documents) in stream order; each phase's documents are split into contiguous rank
-    ranges and scored in batches of TTT_BATCH_SIZE (LoraTTT): every target is scored once, by the base
-    as it was when the phase began plus its document's adapters trained on the document's earlier
-    chunks only. After a prefix phase is scored on every rank, global_sgd trains the base on that
-    phase's targets; later phases (and the suffix) are scored with the updated base. The n-gram tilt
-    composes: hints read the prefix, and each batch's boosts come from this rank's earlier batches
-    (documents earlier in the stream). ETLB does not compose with this mode. Scores are summed over
+    Documents (find_documents); each phase's documents are split into contiguous rank ranges and
+    scored in batches of TTT_BATCH_SIZE documents of similar length (LoraTTT): every target is scored
+    once, by the base as it was when the phase began plus its document's fresh adapters trained on the
+    document's earlier chunks only, so the order of the batches changes no score. After a prefix phase
+    is scored on every rank, global_sgd trains the base on that phase's targets; later phases (and the
+    suffix) are scored with the updated base. The n-gram tilt composes: hints read the prefix, and it
+    tilts this rank's scores in stream order, each group of TTT_BATCH_SIZE documents with boosts from
+    the earlier groups (documents earlier in the stream). ETLB does not compose with this mode. Scores are summed over
     the ranks at the end."""
     tokens = tokens.to(rt.device)
     docs = find_documents(tokens)
@@ -2902,10 +2917,14 @@ def eval_lora_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
         p.requires_grad_(False)
     scorer = LoraTTT(h, rt, model, tokens, luts, meter, tilt, trace)
     t0 = time.perf_counter()
+    B = h.ttt_batch_size
     for name, d0, d1, then_sgd in phases:
         mine = rank_share(docs[d0:d1], rt)
-        for b in range(0, len(mine), h.ttt_batch_size):
-            scorer.score_batch(mine[b:b + h.ttt_batch_size])
+        by_length = sorted(mine, key=lambda d: d[1] - d[0])  # few wasted slots; documents are independent
+        for b in range(0, len(by_length), B):
+            scorer.score_batch(by_length[b:b + B])
+        if mine:
+            scorer.flush([(g[0][0], g[-1][1]) for g in (mine[b:b + B] for b in range(0, len(mine), B))])
         t1 = time.perf_counter()
         if then_sgd:
             global_sgd(h, rt, model, tokens, docs[d0][0], docs[d1 - 1][1], trace)

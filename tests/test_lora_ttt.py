@@ -198,6 +198,40 @@ def test_lora_adapts_within_documents_only_after_their_first_chunk(lora):
     assert adapted.local_bpb() < plain.local_bpb()  # a small lr on a random model: adapting helps
 
 
+def _warm_a_reset(self):
+    """LEAK (planted): a new batch zeroes B only, so A keeps what earlier documents taught it."""
+    with torch.no_grad():
+        for m in self.adapters:
+            m.B.zero_()
+
+
+@pytest.mark.parametrize("warm_a", [False, True])
+def test_a_documents_scores_do_not_depend_on_its_batch(lora, monkeypatch, warm_a):
+    # Batches are sorted by length, so a document's batch-mates and the batches before it are not its
+    # stream predecessors: its scores must not depend on them. Score every document alone (batch size 1)
+    # and all together in batches of 3 and of 11: bitwise-close per target.
+    h, rt, state, tokens, luts = lora
+    if warm_a:
+        monkeypatch.setattr(tg.DocLoRA, "reset", _warm_a_reset)
+    runs = [run(lora, h=dataclasses.replace(h, ttt_batch_size=b))[0].token_nll for b in (1, 3, 11)]
+    gaps = [(r - runs[0]).abs().max().item() for r in runs[1:]]
+    same = max(gaps) < 1e-5
+    assert same != warm_a  # the planted warm A makes scores depend on the batches before
+
+
+def test_lora_batches_are_sorted_by_length_and_the_tilt_reads_in_stream_order(lora, monkeypatch):
+    h, rt, state, tokens, luts = lora
+    batches, groups = [], []
+    real_score, real_flush = tg.LoraTTT.score_batch, tg.LoraTTT.flush
+    monkeypatch.setattr(tg.LoraTTT, "score_batch", lambda self, docs: (batches.append(docs), real_score(self, docs)))
+    monkeypatch.setattr(tg.LoraTTT, "flush", lambda self, g: (groups.append(g), real_flush(self, g)))
+    run(lora, ngram=True)
+    lengths = [e - s for b in batches for s, e in b]
+    assert lengths == sorted(lengths) and len(batches) == 4  # 11 documents, 3 per batch
+    docs = tg.find_documents(tokens)
+    assert groups == [[(docs[i][0], docs[min(i + 2, 10)][1]) for i in range(0, 11, 3)]]
+
+
 def test_phase_sgd_changes_the_base_and_later_documents_see_it(lora):
     h, rt, state, tokens, luts = lora
     phased = dataclasses.replace(h, phased_ttt_num_phases=2)  # prefix 6 docs: phases [0, 3) [3, 6), then 5 more
