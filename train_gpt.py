@@ -2477,7 +2477,8 @@ class AdaptPlan:
     chunk: tokens per chunk (a multiple of EVAL_SEQ_LEN); epochs: passes over a chunk after it is
     scored; batch_seqs: sequences per optimizer step (0: the whole chunk in one step); per_rank: each
     rank adapts its own copy over its own contiguous range of chunks (else all ranks split every
-    chunk and average gradients); lr_at(i, n): the lr for the chain's i-th of n chunks."""
+    chunk and average gradients); lr_at(i, n): the lr for the chain's i-th of n chunks; compiled:
+    the loss through torch.compile (COMPILE=1 on CUDA), which recompiles for every new batch shape."""
     params: list[nn.Parameter]
     make_opt: typing.Callable
     lr_at: typing.Callable[[int, int], float]
@@ -2486,6 +2487,7 @@ class AdaptPlan:
     grad_clip: float = 0.0
     batch_seqs: int = 0
     per_rank: bool = False
+    compiled: bool = True
     label: str = "ttt"
 
 
@@ -2526,7 +2528,7 @@ class _ChunkTrainer:
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, plan: AdaptPlan):
         self.h, self.rt, self.model, self.tokens, self.plan = h, rt, model, tokens, plan
-        self.loss_fn = maybe_compile(model, h, rt)
+        self.loss_fn = maybe_compile(model, h, rt) if plan.compiled else model
         self.opt = plan.make_opt(plan.params)
         self.sync_grads = rt.distributed and not plan.per_rank
 
@@ -2698,7 +2700,8 @@ class BatchedLoRA(nn.Module):
         self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
+        S = x.size(0)  # the batch's documents use the first S slots
+        return (x @ self.A[:S].transpose(1, 2).to(x.dtype)) @ self.B[:S].transpose(1, 2).to(x.dtype) * self.scale
 
 
 class LoraLayer(nn.Module):
@@ -2735,39 +2738,26 @@ class DocLoRA(nn.Module):
             m.B.zero_()
 
 
-class SlotAdam:
-    """Adam with beta1 = 0 (step g / (sqrt(v_hat) + eps)) and decoupled weight decay, per document slot:
-    only `active` slots step (the others are untouched), each with its own bias correction, so that a
-    slot's adapters never depend on the other documents of its batch. reset(): every slot afresh."""
+def lora_optimizer(params: list[nn.Parameter], h: Hyperparameters, device: torch.device) -> torch.optim.AdamW:
+    """Adam with beta1 = 0 and decoupled weight decay over every slot at once (fused on CUDA). Slots
+    step together: every document of a batch starts at the batch's first chunk, so its slot's step
+    count is the batch's until it ends; after that its adapters are never read again."""
+    return torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(0.0, h.ttt_beta2), eps=LORA_ADAM_EPS,
+                             weight_decay=h.ttt_weight_decay, **({"fused": True} if device.type == "cuda" else {}))
 
-    def __init__(self, params: list[nn.Parameter], h: Hyperparameters, device: torch.device):
-        self.params, self.lr, self.beta2, self.wd = params, h.ttt_lora_lr, h.ttt_beta2, h.ttt_weight_decay
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = torch.zeros(h.ttt_batch_size, dtype=torch.float64, device=device)
 
-    def reset(self) -> None:
-        for v in self.v:
+def reset_optimizer(opt: torch.optim.Optimizer) -> None:
+    """Every state tensor (moments and step counts) back to zero, in place."""
+    for state in opt.state.values():
+        for v in state.values():
             v.zero_()
-        self.t.zero_()
-
-    @torch.no_grad()
-    def step(self, active: Tensor) -> None:
-        self.t += active
-        corr = (1.0 - self.beta2 ** self.t).clamp(min=1e-30).sqrt().float()
-        for p, v in zip(self.params, self.v):
-            g, shape = p.grad, (-1,) + (1,) * (p.dim() - 1)
-            p.grad = None
-            if g is None:
-                continue
-            on = active.view(shape)
-            v.copy_(torch.where(on, self.beta2 * v + (1.0 - self.beta2) * g * g, v))
-            new = p * (1.0 - self.lr * self.wd) - self.lr * g / (v.sqrt() / corr.view(shape) + LORA_ADAM_EPS)
-            p.copy_(torch.where(on, new, p))
 
 
 class LoraTTT:
     """Scores document batches with per-document adapters, score-first (see eval_lora_ttt). `trace`
-    (tests) receives ("score" | "adapt", target indices) in the order things happen."""
+    (tests) receives ("score" | "adapt", target indices) in the order things happen. A chunk's scores
+    stay on the device in `pending` (nll, log q(hint) or None, target indices, which exist) until the
+    batch ends (the meter) or, with the tilt, until flush(): no host sync per chunk."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, luts: ByteLuts,
                  meter: BpbMeter, tilt: NgramTilt | None = None, trace: list | None = None):
@@ -2775,29 +2765,32 @@ class LoraTTT:
         self.meter, self.tilt, self.trace = meter, tilt, trace
         self.total = tokens.numel() - 1
         self.lora = DocLoRA(h, len(model.virtual_layers()), rt.device)
-        self.opt = SlotAdam(list(self.lora.parameters()), h, rt.device)
-        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []  # the tilt's batch: nll, log q(hint), targets
+        self.opt = lora_optimizer(list(self.lora.parameters()), h, rt.device)
+        self.pending: list[tuple[Tensor, Tensor | None, Tensor, Tensor]] = []
 
     def score_batch(self, docs: list[tuple[int, int]]) -> None:
         """Documents `docs` (at most TTT_BATCH_SIZE target ranges, any order) advance chunk by chunk
-        together from fresh adapters; finished documents and empty slots are masked. With the tilt, the
-        scores wait in `pending` for flush()."""
-        dev, pad = self.rt.device, self.h.ttt_batch_size - len(docs)
-        starts = torch.tensor([s for s, _ in docs] + [0] * pad, device=dev)
-        lens = torch.tensor([e - s for s, e in docs] + [0] * pad, device=dev)
-        n_chunks = [-(-(e - s) // self.h.ttt_chunk_size) for s, e in docs] + [0] * pad
+        together from fresh adapters, one slot each; finished documents are masked."""
+        dev = self.rt.device
+        starts = torch.tensor([s for s, _ in docs], device=dev)
+        lens = torch.tensor([e - s for s, e in docs], device=dev)
+        n_chunks = [-(-(e - s) // self.h.ttt_chunk_size) for s, e in docs]
         self.lora.reset()
-        self.opt.reset()
+        reset_optimizer(self.opt)
         for c in range(max(n_chunks)):
-            train = torch.tensor([c < n - 1 for n in n_chunks], device=dev)  # never on a document's last chunk
-            self.chunk_step(c, starts, lens, train)
+            trains = [c < n - 1 for n in n_chunks]  # never on a document's last chunk
+            self.chunk_step(c, starts, lens, torch.tensor(trains, device=dev) if any(trains) else None)
+        if self.tilt is None:
+            self.settle(lambda nll, logq, idx, tgt: nll)
 
-    def chunk_step(self, c: int, starts: Tensor, lens: Tensor, train: Tensor) -> None:
-        """Score chunk c of every document with the adapters as they are, then one Adam step on it."""
+    def chunk_step(self, c: int, starts: Tensor, lens: Tensor, train: Tensor | None) -> None:
+        """Score chunk c of every document with the adapters as they are, then one Adam step on it
+        (train: which documents train on it; None: none)."""
         x, tidx, mask = self.chunk_inputs(c, starts, lens)
         nll, logq = self.forward(x, tidx)
         self.record(nll.detach(), logq, tidx, mask)
-        self.adapt(nll, tidx, mask & train[:, None])
+        if train is not None:
+            self.adapt(nll, tidx, mask & train[:, None])
 
     def chunk_inputs(self, c: int, starts: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Window inputs (S, T) (0 past a document's end), chunk c's target indices (S, chunk) and which exist."""
@@ -2806,55 +2799,59 @@ class LoraTTT:
         j = ws + torch.arange(T, device=dev)
         x = torch.where(j < lens[:, None], self.tokens[(starts[:, None] + j).clamp(max=self.total)], 0)
         local = c * C + torch.arange(C, device=dev)
-        return x, starts[:, None] + local, local < lens[:, None]
+        return x, (starts[:, None] + local).clamp(max=self.total - 1), local < lens[:, None]
 
     def forward(self, x: Tensor, tidx: Tensor) -> tuple[Tensor, Tensor | None]:
         """nll (S, chunk) of the chunk's targets (fp32 log-softmax of the softcapped logits), with grad
         to the adapters; with the tilt also log q(hint)."""
-        y = self.tokens[(tidx + 1).clamp(max=self.total)]
+        y = self.tokens[tidx + 1]
         with torch.enable_grad(), autocast(self.rt.device):
             hidden = self.model.forward_hidden(x, self.lora)
             z = self.model.logits(hidden[:, -tidx.size(1):], self.lora)
         z = z.float()
         if self.tilt is None:
             return F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), reduction="none").view(y.shape), None
-        return _nll_and_hint_logq(z, y, self.tilt.hint[tidx.clamp(max=self.total - 1)])
+        return _nll_and_hint_logq(z, y, self.tilt.hint[tidx])
 
     def record(self, nll: Tensor, logq: Tensor | None, tidx: Tensor, mask: Tensor) -> None:
-        idx = tidx[mask]
         if self.trace is not None:
-            self.trace.append(("score", idx.tolist()))
-        if self.tilt is None:
-            self.meter.add(nll[mask], self.tokens[idx], self.tokens[idx + 1], self.luts, idx)
-        else:
-            self.pending.append((nll[mask], logq[mask], idx))
+            self.trace.append(("score", tidx[mask].tolist()))
+        self.pending.append((nll, None if logq is None else logq.detach(), tidx, mask))
+
+    def settle(self, tilted, groups: list[tuple[int, int]] | None = None) -> None:
+        """Move the pending scores into the meter, in stream order, group by group (target ranges; None:
+        one group), each through tilted(nll, log q, idx, tgt)."""
+        if not self.pending:
+            return
+        nll, logq, idx, mask = (None if t[0] is None else torch.cat([u.reshape(-1) for u in t])
+                                for t in zip(*self.pending))
+        self.pending = []
+        order = idx[mask].argsort()
+        nll, idx = nll[mask][order], idx[mask][order]
+        logq = None if logq is None else logq[mask][order]
+        bounds = [(int(idx[0]), int(idx[-1]) + 1)] if groups is None else groups
+        cuts = torch.searchsorted(idx, torch.tensor([a for a, _ in bounds] + [bounds[-1][1]], device=idx.device))
+        for a, b in zip(cuts.tolist(), cuts[1:].tolist()):
+            if b > a:
+                i, tgt = idx[a:b], self.tokens[idx[a:b] + 1]
+                self.meter.add(tilted(nll[a:b], None if logq is None else logq[a:b], i, tgt), self.tokens[i], tgt,
+                               self.luts, i)
 
     def flush(self, groups: list[tuple[int, int]]) -> None:
         """The tilt over the pending scores, group by group: `groups` are target ranges in stream order
         (TTT_BATCH_SIZE consecutive documents each), and a group's boosts come from the earlier groups
         only; then the group joins them. So the tilt reads the stream in order whatever order the
         documents were scored in."""
-        if not self.pending:
-            return
-        nll, logq, idx = (torch.cat(t) for t in zip(*self.pending))
-        self.pending = []
-        order = torch.argsort(idx)
-        nll, logq, idx = nll[order], logq[order], idx[order]
-        cuts = torch.searchsorted(idx, torch.tensor([a for a, _ in groups] + [groups[-1][1]], device=idx.device))
-        for a, b in zip(cuts.tolist(), cuts[1:].tolist()):
-            if b > a:
-                tgt = self.tokens[idx[a:b] + 1]
-                self.meter.add(self.tilt.adjust(nll[a:b], logq[a:b], idx[a:b], tgt), self.tokens[idx[a:b]],
-                               tgt, self.luts, idx[a:b])
+        if self.tilt is not None:
+            self.settle(self.tilt.adjust, groups)
 
     def adapt(self, nll: Tensor, tidx: Tensor, mask: Tensor) -> None:
-        """One Adam step per training slot on the mean nll of its (already scored) chunk targets."""
-        active = mask.any(dim=1)
-        if not bool(active.any()):
-            return
+        """One Adam step on the sum over slots of the mean nll of each slot's (already scored) chunk
+        targets; a slot that does not train has zero gradient."""
         per_doc = torch.where(mask, nll, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         per_doc.sum().backward()
-        self.opt.step(active)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         if self.trace is not None:
             self.trace.append(("adapt", tidx[mask].tolist()))
 
@@ -2876,7 +2873,7 @@ def global_sgd(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, lo: 
     plan = AdaptPlan(params=params, chunk=per_chunk * L, epochs=GLOBAL_TTT_EPOCHS, grad_clip=GLOBAL_TTT_GRAD_CLIP,
                      make_opt=lambda ps: torch.optim.SGD(ps, lr=h.global_ttt_lr, momentum=GLOBAL_TTT_MOMENTUM),
                      lr_at=lambda i, n: h.global_ttt_lr * 0.5 * (1.0 + math.cos(math.pi * i / n)),
-                     batch_seqs=GLOBAL_TTT_BATCH_SEQS, label="global_ttt")
+                     batch_seqs=GLOBAL_TTT_BATCH_SEQS, label="global_ttt", compiled=False)  # shapes vary: eager
     trainer = _ChunkTrainer(h, rt, model, tokens, plan)
     chunks = [starts[i:i + per_chunk] for i in range(0, len(starts), per_chunk)]
     on_step = None if trace is None else \

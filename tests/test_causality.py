@@ -599,8 +599,9 @@ class AdaptFirstLoraTTT(tg.LoraTTT):
 
     def chunk_step(self, c, starts, lens, train):
         x, tidx, mask = self.chunk_inputs(c, starts, lens)
-        nll, _ = self.forward(x, tidx)
-        self.adapt(nll, tidx, mask & train[:, None])
+        if train is not None:
+            nll, _ = self.forward(x, tidx)
+            self.adapt(nll, tidx, mask & train[:, None])
         nll, logq = self.forward(x, tidx)
         self.record(nll.detach(), logq, tidx, mask)
 

@@ -122,29 +122,29 @@ def test_adapted_forward_with_zero_b_is_bitwise_the_base(lora, recurrence, grad)
         model.forward_hidden(ids, tg.DocLoRA(h, 5, rt.device))
 
 
-def test_slot_adam_is_adam_with_beta1_zero_per_slot():
-    h = dataclasses.replace(tg.Hyperparameters(), ttt_batch_size=3, ttt_lora_lr=0.01, ttt_weight_decay=0.5,
-                            ttt_beta2=0.9)
+def test_lora_optimizer_is_adamw_with_beta1_zero_and_reset_zeroes_its_state():
+    h = dataclasses.replace(tg.Hyperparameters(), ttt_lora_lr=0.01, ttt_weight_decay=0.5, ttt_beta2=0.9)
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(3, 4, 5))
-    ref = torch.nn.Parameter(p.detach()[1].clone())
-    opt = tg.SlotAdam([p], h, torch.device("cpu"))
-    adamw = torch.optim.AdamW([ref], lr=0.01, betas=(0.0, 0.9), eps=1e-10, weight_decay=0.5)
-    before = p.detach().clone()
-    active = torch.tensor([False, True, False])
-    for _ in range(3):
-        g = torch.randn(3, 4, 5)
-        p.grad, ref.grad = g.clone(), g[1].clone()
-        opt.step(active)
-        adamw.step()
-    assert torch.equal(p.detach()[[0, 2]], before[[0, 2]])  # inactive slots are untouched
-    assert torch.allclose(p.detach()[1], ref.detach(), rtol=1e-5, atol=1e-7) and not torch.equal(p[1], before[1])
-    opt.reset()
-    zero = tg.SlotAdam([p], dataclasses.replace(h, ttt_lora_lr=0.0), torch.device("cpu"))
-    now = p.detach().clone()
-    p.grad = torch.randn(3, 4, 5)
-    zero.step(torch.tensor([True, True, True]))
-    assert torch.equal(p.detach(), now)  # lr 0 leaves the weights bit-for-bit
+    opt = tg.lora_optimizer([p], h, torch.device("cpu"))
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (0.01, (0.0, 0.9), tg.LORA_ADAM_EPS, 0.5)
+    ref = p.detach().clone()
+    grads = [torch.randn(3, 4, 5) for _ in range(3)]
+    v = torch.zeros_like(ref)
+    for t, gr in enumerate(grads, 1):  # by hand: p <- p (1 - lr wd) - lr g / (sqrt(v / (1 - b2^t)) + eps)
+        p.grad = gr.clone()
+        opt.step()
+        v = 0.9 * v + 0.1 * gr * gr
+        ref = ref * (1 - 0.01 * 0.5) - 0.01 * gr / ((v / (1 - 0.9 ** t)).sqrt() + tg.LORA_ADAM_EPS)
+    assert torch.allclose(p.detach(), ref, rtol=1e-5, atol=1e-6)
+    tg.reset_optimizer(opt)
+    assert all(not x.any() for st in opt.state.values() for x in st.values())
+    before = p.detach().clone()  # after a reset the first step is Adam's first step again
+    p.grad = grads[0].clone()
+    opt.step()
+    first = before * (1 - 0.005) - 0.01 * grads[0] / (grads[0].abs() + tg.LORA_ADAM_EPS)
+    assert torch.allclose(p.detach(), first, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -178,10 +178,12 @@ def test_lora_lr0_without_phases_is_plain_per_document_scoring(lora, lead_bos):
     # the adapters were stepped (lr 0): B stays exactly zero and A unchanged, so the scores equal the base's
     scorer = tg.LoraTTT(h, rt, fresh(h, rt, state), toks.clone(), luts, tg.BpbMeter(rt.device))
     a0 = [m.A.detach().clone() for m in scorer.lora.modules() if isinstance(m, tg.BatchedLoRA)]
-    scorer.score_batch(tg.find_documents(toks)[:3])
+    docs = tg.find_documents(toks)[:3]
+    scorer.score_batch(docs)
     mods = [m for m in scorer.lora.modules() if isinstance(m, tg.BatchedLoRA)]
     assert all(torch.equal(m.A, a) for m, a in zip(mods, a0)) and all(not m.B.any() for m in mods)
-    assert scorer.opt.t.tolist() == [1.0, 0.0, 4.0]  # steps: every chunk but each document's last
+    steps = max(math.ceil((e - s) / h.ttt_chunk_size) for s, e in docs) - 1  # every chunk but the longest's last
+    assert [st["step"].item() for st in scorer.opt.state.values()] == [steps] * len(mods) * 2
 
 
 def test_lora_adapts_within_documents_only_after_their_first_chunk(lora):
