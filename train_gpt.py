@@ -2652,7 +2652,7 @@ def pre_quant_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
 # document is scored in chunks of TTT_CHUNK_SIZE targets by the base model plus its own rank-r
 # adapters, which take one Adam step on a chunk right after scoring it (and restart at every new
 # document). The first PHASED_TTT_PREFIX_DOCS documents form PHASED_TTT_NUM_PHASES phases; after each
-# phase is scored on every rank, the base weights take SGD steps on that phase's tokens.
+# phase is scored on every rank, the base weights take SGD steps on every document scored so far.
 
 
 def find_documents(tokens: Tensor) -> list[tuple[int, int]]:
@@ -2675,6 +2675,24 @@ def plan_phases(n_docs: int, prefix_docs: int, n_phases: int) -> list[tuple[str,
     bounds = [prefix * k // max(n_phases, 1) for k in range(max(n_phases, 1) + 1)]
     out = [(f"{k + 1}/{n_phases}", a, b, b < n_docs) for k, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
     return out + ([("suffix", prefix, n_docs, False)] if n_docs > prefix else [])
+
+
+def lora_batches(docs: list[tuple[int, int]], h: Hyperparameters, rt: Runtime) -> list[list[tuple[int, int]]]:
+    """This rank's share of a phase's documents, as batches: the documents sorted by length are cut
+    into batches of TTT_BATCH_SIZE (few wasted slots), and the batches, costliest first, each go to
+    the rank with the least work so far (cost: the window tokens of every chunk step). Every rank
+    computes the same plan; a document's scores do not depend on its batch, slot or rank."""
+    C, L, B = h.ttt_chunk_size, h.eval_seq_len, h.ttt_batch_size
+    by_length = sorted(docs, key=lambda d: (d[1] - d[0], d[0]))
+    batches = [by_length[i:i + B] for i in range(0, len(by_length), B)]
+    cost = lambda b: len(b) * sum(min((c + 1) * C, L) for c in range(-(-(b[-1][1] - b[-1][0]) // C)))  # noqa: E731
+    load, mine = [0] * rt.world_size, []
+    for b in sorted(batches, key=cost, reverse=True):
+        r = load.index(min(load))
+        load[r] += cost(b)
+        if r == rt.rank:
+            mine.append(b)
+    return mine
 
 
 def lora_window(c: int, chunk: int, seq_len: int) -> tuple[int, int]:
@@ -2891,14 +2909,15 @@ def eval_lora_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
                   meter: BpbMeter | None = None) -> tuple[float, float]:
     """Per-document LoRA TTT with phased global SGD (legal; adapts `model`, give it its own copy).
 
-    Documents (find_documents); each phase's documents are split into contiguous rank ranges and
-    scored in batches of TTT_BATCH_SIZE documents of similar length (LoraTTT): every target is scored
-    once, by the base as it was when the phase began plus its document's fresh adapters trained on the
-    document's earlier chunks only, so the order of the batches changes no score. After a prefix phase
-    is scored on every rank, global_sgd trains the base on that phase's targets; later phases (and the
-    suffix) are scored with the updated base. The n-gram tilt composes: hints read the prefix, and it
-    tilts this rank's scores in stream order, each group of TTT_BATCH_SIZE documents with boosts from
-    the earlier groups (documents earlier in the stream). ETLB does not compose with this mode. Scores are summed over
+    Documents (find_documents); each phase's documents are scored in batches of TTT_BATCH_SIZE
+    documents of similar length, shared among the ranks by cost (lora_batches, LoraTTT): every target
+    is scored once, by the base as it was when the phase began plus its document's fresh adapters
+    trained on the document's earlier chunks only, so neither the order of the batches nor the rank
+    changes a score. After a prefix phase is scored on every rank, global_sgd trains the base on every
+    document scored so far (the records' cumulative phases); later phases (and the suffix) are scored
+    with the updated base. The n-gram tilt composes: hints read the prefix, and it tilts this rank's
+    scores in stream order, each group of TTT_BATCH_SIZE of its documents with boosts from its earlier
+    groups (documents earlier in the stream). ETLB does not compose with this mode. Scores are summed over
     the ranks at the end."""
     tokens = tokens.to(rt.device)
     docs = find_documents(tokens)
@@ -2916,15 +2935,17 @@ def eval_lora_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
     t0 = time.perf_counter()
     B = h.ttt_batch_size
     for name, d0, d1, then_sgd in phases:
-        mine = rank_share(docs[d0:d1], rt)
-        by_length = sorted(mine, key=lambda d: d[1] - d[0])  # few wasted slots; documents are independent
-        for b in range(0, len(by_length), B):
-            scorer.score_batch(by_length[b:b + B])
+        batches = lora_batches(docs[d0:d1], h, rt)
+        for batch in batches:
+            scorer.score_batch(batch)
+        mine = sorted(d for b in batches for d in b)  # this rank's documents in stream order
         if mine:
             scorer.flush([(g[0][0], g[-1][1]) for g in (mine[b:b + B] for b in range(0, len(mine), B))])
+        if trace is not None:
+            trace.append(("phase", []))  # this rank has scored its share of the phase
         t1 = time.perf_counter()
         if then_sgd:
-            global_sgd(h, rt, model, tokens, docs[d0][0], docs[d1 - 1][1], trace)
+            global_sgd(h, rt, model, tokens, docs[0][0], docs[d1 - 1][1], trace)  # all scored so far
         sgd_s = time.perf_counter() - t1
         _, bpb = meter.result(rt)
         log(f"{label}: phase:{name} docs:{d1}/{len(docs)} running_bpb:{bpb:.6f} "

@@ -555,6 +555,8 @@ def lora_event_violations(events: list) -> list[tuple[str, int]]:
     not yet scored, or a target scored ("score") after the base had trained on it or on a later one."""
     scored, base_max, bad = set(), -1, []
     for kind, idx in events:
+        if kind == "phase":  # a rank's phase boundary marker
+            continue
         if kind == "score":
             bad += [("score", t) for t in idx if t <= base_max][:1]
             scored.update(idx)
@@ -659,11 +661,18 @@ def _lora_two_rank_worker(rank: int, path: str, init: str) -> None:
 
 
 def merge_rank_events(traces: list[list]) -> list:
-    """The ranks' event logs as one: phase by phase (every rank's scoring, then every rank's SGD steps),
-    which is the order the phase barrier enforces."""
-    groups = [[list(g) for _, g in itertools.groupby(t, key=lambda e: e[0] == "global")] for t in traces]
-    assert len({len(g) for g in groups}) == 1  # every rank scored in every phase
-    return [e for parts in zip(*groups) for part in parts for e in part]
+    """The ranks' event logs as one: phase by phase (every rank's SGD steps after the previous phase,
+    then every rank's scoring), which is the order the phase barrier enforces. A rank's log is cut at
+    its ("phase", []) markers; a rank may have scored nothing in a phase."""
+    def cut(t):
+        parts = [[]]
+        for e in t:
+            parts.append([]) if e[0] == "phase" else parts[-1].append(e)
+        return parts
+    parts = [cut(t) for t in traces]
+    assert len({len(p) for p in parts}) == 1  # every rank passed every phase boundary
+    return [e for k in range(len(parts[0])) for first in (True, False) for p in parts for e in p[k]
+            if (e[0] == "global") == first]
 
 
 def test_lora_ttt_two_ranks_gloo(lora_setup, tmp_path):

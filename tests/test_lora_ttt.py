@@ -74,6 +74,25 @@ def test_find_documents_partitions_the_targets():
         assert all(toks[s] == tg.BOS_ID for s, _ in docs[1:]) and all(e > s for s, e in docs)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_lora_batches_share_a_phase_among_the_ranks_by_cost(world):
+    g = torch.Generator().manual_seed(world)
+    lens = torch.randint(1, 3000, (50,), generator=g).tolist()
+    starts = [sum(lens[:i]) for i in range(50)]
+    docs = [(s, s + n) for s, n in zip(starts, lens)]
+    h = dataclasses.replace(tg.Hyperparameters(), ttt_batch_size=4, ttt_chunk_size=48, eval_seq_len=2048)
+    plans = [tg.lora_batches(docs, h, tg.Runtime(rank=r, world_size=world)) for r in range(world)]
+    got = [d for p in plans for b in p for d in b]
+    assert sorted(got) == docs  # every document once, on one rank
+    for p in plans:
+        assert all(len(b) <= 4 and [e - s for s, e in b] == sorted(e - s for s, e in b) for b in p)
+    cost = lambda b: len(b) * sum(min((c + 1) * 48, 2048) for c in range(math.ceil(max(e - s for s, e in b) / 48)))
+    loads = [sum(cost(b) for b in p) for p in plans]
+    assert max(loads) - min(loads) <= max(cost(b) for p in plans for b in p)  # greedy: within one batch
+    costs = [cost(b) for b in plans[0]]
+    assert costs == sorted(costs, reverse=True)  # the costliest batches first
+
+
 def test_plan_phases():
     assert tg.plan_phases(10, 6, 3) == [("1/3", 0, 2, True), ("2/3", 2, 4, True), ("3/3", 4, 6, True),
                                         ("suffix", 6, 10, False)]
@@ -228,8 +247,8 @@ def test_lora_batches_are_sorted_by_length_and_the_tilt_reads_in_stream_order(lo
     monkeypatch.setattr(tg.LoraTTT, "score_batch", lambda self, docs: (batches.append(docs), real_score(self, docs)))
     monkeypatch.setattr(tg.LoraTTT, "flush", lambda self, g: (groups.append(g), real_flush(self, g)))
     run(lora, ngram=True)
-    lengths = [e - s for b in batches for s, e in b]
-    assert lengths == sorted(lengths) and len(batches) == 4  # 11 documents, 3 per batch
+    lengths = [e - s for b in sorted(batches, key=lambda b: b[0][1] - b[0][0]) for s, e in b]
+    assert lengths == sorted(lengths) and len(batches) == 4  # 11 documents cut by length, 3 per batch
     docs = tg.find_documents(tokens)
     assert groups == [[(docs[i][0], docs[min(i + 2, 10)][1]) for i in range(0, 11, 3)]]
 
@@ -245,9 +264,9 @@ def test_phase_sgd_changes_the_base_and_later_documents_see_it(lora):
     assert "tok_emb.weight" in moved and "blocks.0.attn.c_q.weight" in moved
     docs = tg.find_documents(tokens)
     b1, b2 = docs[3][0], docs[6][0]  # the first targets after phase 1 and after phase 2
-    L = h.eval_seq_len  # each phase's SGD: its targets in whole L-target sequences, one step (32 sequences)
+    L = h.eval_seq_len  # each phase's SGD: all targets scored so far in whole L-target sequences, one step
     assert [(min(i), max(i)) for k, i in trace if k == "global"] == [(lo, lo + (hi - lo) // L * L - 1)
-                                                                      for lo, hi in [(0, b1), (b1, b2)]]
+                                                                      for lo, hi in [(0, b1), (0, b2)]]  # cumulative
     assert torch.equal(m1.token_nll[:b1], m0.token_nll[:b1])  # phase 1 is scored by the artifact's weights
     for lo, hi in [(b1, b2), (b2, tokens.numel() - 1)]:
         assert (m1.token_nll[lo:hi] != m0.token_nll[lo:hi]).float().mean() > 0.9  # later phases: the new base
