@@ -19,7 +19,6 @@ Also: plan_windows/chunk_windows partition the targets.
 from __future__ import annotations
 
 import copy
-import itertools
 import dataclasses
 import math
 from typing import Callable, NamedTuple
