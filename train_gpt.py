@@ -581,9 +581,9 @@ def all_reduce_(t: Tensor, rt: Runtime, op=None) -> Tensor:
     return t
 
 
-def maybe_compile(fn, h: Hyperparameters, rt: Runtime):
+def maybe_compile(fn, h: Hyperparameters, rt: Runtime, dynamic: bool = False):
     if h.compile and rt.is_cuda:
-        return torch.compile(fn, dynamic=False, fullgraph=True)
+        return torch.compile(fn, dynamic=dynamic, fullgraph=True)
     return fn
 
 
@@ -2679,13 +2679,15 @@ def plan_phases(n_docs: int, prefix_docs: int, n_phases: int) -> list[tuple[str,
 
 def lora_batches(docs: list[tuple[int, int]], h: Hyperparameters, rt: Runtime) -> list[list[tuple[int, int]]]:
     """This rank's share of a phase's documents, as batches: the documents sorted by length are cut
-    into batches of TTT_BATCH_SIZE (few wasted slots), and the batches, costliest first, each go to
+    into batches of TTT_BATCH_SIZE (few wasted slots; a partial batch of the shortest documents is
+    padded with empty slots, so every batch has one shape), and the batches, costliest first, each go to
     the rank with the least work so far (cost: the window tokens of every chunk step). Every rank
     computes the same plan; a document's scores do not depend on its batch, slot or rank."""
     C, L, B = h.ttt_chunk_size, h.eval_seq_len, h.ttt_batch_size
     by_length = sorted(docs, key=lambda d: (d[1] - d[0], d[0]))
-    batches = [by_length[i:i + B] for i in range(0, len(by_length), B)]
-    cost = lambda b: len(b) * sum(min((c + 1) * C, L) for c in range(-(-(b[-1][1] - b[-1][0]) // C)))  # noqa: E731
+    n = len(by_length)  # cut from the longest down: a partial batch holds the shortest documents
+    batches = [by_length[max(0, i - B):i] for i in range(n, 0, -B)]
+    cost = lambda b: B * sum(min((c + 1) * C, L) for c in range(-(-(b[-1][1] - b[-1][0]) // C)))  # noqa: E731
     load, mine = [0] * rt.world_size, []
     for b in sorted(batches, key=cost, reverse=True):
         r = load.index(min(load))
@@ -2718,8 +2720,7 @@ class BatchedLoRA(nn.Module):
         self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        S = x.size(0)  # the batch's documents use the first S slots
-        return (x @ self.A[:S].transpose(1, 2).to(x.dtype)) @ self.B[:S].transpose(1, 2).to(x.dtype) * self.scale
+        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
 
 
 class LoraLayer(nn.Module):
@@ -2785,11 +2786,13 @@ class LoraTTT:
         self.lora = DocLoRA(h, len(model.virtual_layers()), rt.device)
         self.opt = lora_optimizer(list(self.lora.parameters()), h, rt.device)
         self.pending: list[tuple[Tensor, Tensor | None, Tensor, Tensor]] = []
+        self.score_fn = maybe_compile(self.score, h, rt, dynamic=True)
 
     def score_batch(self, docs: list[tuple[int, int]]) -> None:
         """Documents `docs` (at most TTT_BATCH_SIZE target ranges, any order) advance chunk by chunk
-        together from fresh adapters, one slot each; finished documents are masked."""
+        together from fresh adapters, one slot each; finished documents and empty slots are masked."""
         dev = self.rt.device
+        docs = docs + [(0, 0)] * (self.h.ttt_batch_size - len(docs))  # empty slots: one batch shape
         starts = torch.tensor([s for s, _ in docs], device=dev)
         lens = torch.tensor([e - s for s, e in docs], device=dev)
         n_chunks = [-(-(e - s) // self.h.ttt_chunk_size) for s, e in docs]
@@ -2822,14 +2825,37 @@ class LoraTTT:
     def forward(self, x: Tensor, tidx: Tensor) -> tuple[Tensor, Tensor | None]:
         """nll (S, chunk) of the chunk's targets (fp32 log-softmax of the softcapped logits), with grad
         to the adapters; with the tilt also log q(hint)."""
-        y = self.tokens[tidx + 1]
+        return self.score_fn(x, self.tokens[tidx + 1], None if self.tilt is None else self.tilt.hint[tidx])
+
+    def score(self, x: Tensor, y: Tensor, hint: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """forward()'s computation on window inputs x (S, T) and the chunk's targets y (S, chunk):
+        compiled once for every S and T (dynamic shapes) with COMPILE=1 on CUDA."""
         with torch.enable_grad(), autocast(self.rt.device):
             hidden = self.model.forward_hidden(x, self.lora)
-            z = self.model.logits(hidden[:, -tidx.size(1):], self.lora)
+            z = self.model.logits(hidden[:, -y.size(1):], self.lora)
         z = z.float()
-        if self.tilt is None:
+        if hint is None:
             return F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), reduction="none").view(y.shape), None
-        return _nll_and_hint_logq(z, y, self.tilt.hint[tidx])
+        return _nll_and_hint_logq(z, y, hint)
+
+    def warm_up(self) -> float:
+        """Compile the scoring step (forward and backward) on random tokens, never validation tokens, at
+        the two window lengths of a pass (one chunk, EVAL_SEQ_LEN) and a full batch; then back to fresh
+        adapters. Returns its seconds (0 when nothing is compiled)."""
+        if self.score_fn == self.score:  # eager (bound methods compare equal, never identical)
+            return 0.0
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=self.rt.device).manual_seed(self.h.seed)
+        V, S, C = self.h.vocab_size, self.h.ttt_batch_size, self.h.ttt_chunk_size
+        for T in (C, self.h.eval_seq_len):
+            x = torch.randint(0, V, (S, T), device=self.rt.device, generator=gen)
+            y = torch.randint(0, V, (S, C), device=self.rt.device, generator=gen)
+            nll, _ = self.score_fn(x, y, None if self.tilt is None else y)
+            nll.sum().backward()
+        self.opt.zero_grad(set_to_none=True)
+        self.lora.reset()
+        sync(self.rt.device)
+        return time.perf_counter() - t0
 
     def record(self, nll: Tensor, logq: Tensor | None, tidx: Tensor, mask: Tensor) -> None:
         if self.trace is not None:
@@ -2932,6 +2958,9 @@ def eval_lora_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
     for p in model.parameters():
         p.requires_grad_(False)
     scorer = LoraTTT(h, rt, model, tokens, luts, meter, tilt, trace)
+    warm = scorer.warm_up()
+    if warm:
+        log(f"{label}: compile_warm_up:{warm:.1f}s (random tokens; counted in this stage's seconds)")
     t0 = time.perf_counter()
     B = h.ttt_batch_size
     for name, d0, d1, then_sgd in phases:
@@ -2953,7 +2982,9 @@ def eval_lora_ttt(h: Hyperparameters, rt: Runtime, model: GPT, tokens: Tensor, l
     for p in model.parameters():
         p.requires_grad_(True)
     log_adapters(None, tilt)
-    log_rank_seconds(rt, label, time.perf_counter() - t0)
+    loop = time.perf_counter() - t0
+    log_rank_seconds(rt, label, loop)
+    log(f"{label}: seconds_after_warm_up:{loop:.1f} (the records' TTT timer starts here)")
     return meter.result(rt)
 
 

@@ -86,11 +86,12 @@ def test_lora_batches_share_a_phase_among_the_ranks_by_cost(world):
     assert sorted(got) == docs  # every document once, on one rank
     for p in plans:
         assert all(len(b) <= 4 and [e - s for s, e in b] == sorted(e - s for s, e in b) for b in p)
-    cost = lambda b: len(b) * sum(min((c + 1) * 48, 2048) for c in range(math.ceil(max(e - s for s, e in b) / 48)))
+    cost = lambda b: 4 * sum(min((c + 1) * 48, 2048) for c in range(math.ceil(max(e - s for s, e in b) / 48)))
     loads = [sum(cost(b) for b in p) for p in plans]
     assert max(loads) - min(loads) <= max(cost(b) for p in plans for b in p)  # greedy: within one batch
     costs = [cost(b) for b in plans[0]]
     assert costs == sorted(costs, reverse=True)  # the costliest batches first
+    assert all(len(b) == 4 for p in plans for b in p if b[0] != min(docs, key=lambda d: (d[1] - d[0], d[0])))
 
 
 def test_plan_phases():
@@ -251,6 +252,25 @@ def test_lora_batches_are_sorted_by_length_and_the_tilt_reads_in_stream_order(lo
     assert lengths == sorted(lengths) and len(batches) == 4  # 11 documents cut by length, 3 per batch
     docs = tg.find_documents(tokens)
     assert groups == [[(docs[i][0], docs[min(i + 2, 10)][1]) for i in range(0, 11, 3)]]
+
+
+def test_compile_warm_up_runs_on_random_tokens_and_leaves_no_trace(lora, monkeypatch):
+    h, rt, state, tokens, luts = lora
+    plain, _ = run(lora, ngram=True)
+    scorer = tg.LoraTTT(h, rt, fresh(h, rt, state), tokens, luts, tg.BpbMeter(rt.device))
+    assert scorer.warm_up() == 0.0  # eager (the CPU): nothing to compile, nothing run
+    calls = []
+
+    def fake_compile(fn, h, rt, dynamic=False):  # stands in for torch.compile: records the shapes it sees
+        assert dynamic
+        return lambda x, y, hint: (calls.append((tuple(x.shape), hint is not None)), fn(x, y, hint))[1]
+
+    monkeypatch.setattr(tg, "maybe_compile", fake_compile)
+    warmed, _ = run(lora, ngram=True)
+    B, C, L = h.ttt_batch_size, h.ttt_chunk_size, h.eval_seq_len
+    assert calls[:2] == [((B, C), True), ((B, L), True)]  # one chunk and a full window, a full batch
+    assert all(shape[0] == B for shape, _ in calls)  # every batch has one shape (padded slots)
+    assert torch.equal(warmed.token_nll, plain.token_nll)  # fresh adapters afterwards: the same scores
 
 
 def test_phase_sgd_changes_the_base_and_later_documents_see_it(lora):
