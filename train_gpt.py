@@ -2841,8 +2841,9 @@ class LoraTTT:
     def warm_up(self) -> float:
         """Compile the scoring step (forward and backward) on random tokens, never validation tokens, at
         the two window lengths of a pass (one chunk, EVAL_SEQ_LEN) and a full batch; then back to fresh
-        adapters. Returns its seconds (0 when nothing is compiled)."""
-        if self.score_fn == self.score:  # eager (bound methods compare equal, never identical)
+        adapters. On a GPU it is also the memory probe: the full window is the pass's largest step, and
+        running out of memory there names TTT_BATCH_SIZE. Returns its seconds (0: eager on the CPU)."""
+        if self.score_fn == self.score and not self.rt.is_cuda:  # bound methods compare equal, never identical
             return 0.0
         t0 = time.perf_counter()
         gen = torch.Generator(device=self.rt.device).manual_seed(self.h.seed)
@@ -2850,8 +2851,13 @@ class LoraTTT:
         for T in (C, self.h.eval_seq_len):
             x = torch.randint(0, V, (S, T), device=self.rt.device, generator=gen)
             y = torch.randint(0, V, (S, C), device=self.rt.device, generator=gen)
-            nll, _ = self.score_fn(x, y, None if self.tilt is None else y)
-            nll.sum().backward()
+            try:
+                nll, _ = self.score_fn(x, y, None if self.tilt is None else y)
+                nll.sum().backward()
+            except torch.OutOfMemoryError as e:
+                raise ConfigError(f"TTT_BATCH_SIZE={S}: a batch of {S} windows of {T} tokens does not fit in this "
+                                  f"GPU's memory; lower TTT_BATCH_SIZE (a document's scores do not depend on it) and "
+                                  f"evaluate the saved artifact again with LOAD_ARTIFACT") from e
         self.opt.zero_grad(set_to_none=True)
         self.lora.reset()
         sync(self.rt.device)

@@ -911,3 +911,14 @@ def test_long_val_timing_builds_a_prefix_val_shard_and_runs_the_eval(tmp_path):
     env["LONGVAL_TOKENS"] = "6000"  # longer than the shard: a clear error, no run
     r = run(str(art))
     assert r.returncode != 0 and "at least 6000 tokens" in r.stderr
+    vtoks = np.array([1, 7, 8, 9, 1, 5, 6], dtype="<u2")  # LONGVAL_SOURCE=val: the validation documents repeated
+    (ds / "fineweb_val_000000.bin").write_bytes(head[:2].tobytes() + np.int32(7).tobytes() + head[3:].tobytes()
+                                                + vtoks.tobytes())
+    env.update(LONGVAL_SOURCE="val", LONGVAL_TOKENS="17")
+    r = run(str(art))
+    assert r.returncode == 0, r.stderr
+    val = (tmp_path / "lv" / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin").read_bytes()
+    assert np.frombuffer(val[1024:], dtype="<u2").tolist() == (vtoks.tolist() * 3)[:17]
+    env["LONGVAL_SOURCE"] = "books"
+    r = run(str(art))
+    assert r.returncode == 2 and "LONGVAL_SOURCE=books" in r.stderr
