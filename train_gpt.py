@@ -2850,15 +2850,16 @@ class LoraTTT:
         V, S, C = self.h.vocab_size, self.h.ttt_batch_size, self.h.ttt_chunk_size
         for T in (C, self.h.eval_seq_len):
             x = torch.randint(0, V, (S, T), device=self.rt.device, generator=gen)
-            y = torch.randint(0, V, (S, C), device=self.rt.device, generator=gen)
+            # y and hint as the pass makes them: separate tensors, not views (dynamo guards on both)
+            y, hint = (torch.randint(0, V, (S, C), device=self.rt.device, generator=gen) for _ in range(2))
             try:
-                nll, _ = self.score_fn(x, y, None if self.tilt is None else y)
+                nll, _ = self.score_fn(x, y, None if self.tilt is None else hint)
                 nll.sum().backward()
+                self.opt.zero_grad(set_to_none=True)  # as in the pass: no .grad when the step is called
             except torch.OutOfMemoryError as e:
                 raise ConfigError(f"TTT_BATCH_SIZE={S}: a batch of {S} windows of {T} tokens does not fit in this "
                                   f"GPU's memory; lower TTT_BATCH_SIZE (a document's scores do not depend on it) and "
                                   f"evaluate the saved artifact again with LOAD_ARTIFACT") from e
-        self.opt.zero_grad(set_to_none=True)
         self.lora.reset()
         sync(self.rt.device)
         return time.perf_counter() - t0

@@ -273,6 +273,32 @@ def test_compile_warm_up_runs_on_random_tokens_and_leaves_no_trace(lora, monkeyp
     assert torch.equal(warmed.token_nll, plain.token_nll)  # fresh adapters afterwards: the same scores
 
 
+def test_compiled_step_is_traced_twice_in_the_warm_up_and_never_again(lora, monkeypatch):
+    # dynamo alone (backend "eager": its guards, no code generation): the warm-up's two graphs (one chunk,
+    # where duck sizing ties T to the chunk, and every longer window) must serve the whole pass; a guard
+    # that fails on validation batches (views, .grad, a batch size) would recompile on the GPU for minutes
+    import torch._dynamo
+    import torch._dynamo.utils
+    h, rt, state, tokens, luts = lora
+    h = dataclasses.replace(h, phased_ttt_num_phases=2)
+    monkeypatch.setattr(tg, "maybe_compile", lambda fn, h, rt, dynamic=False:
+                        torch.compile(fn, dynamic=dynamic, fullgraph=True, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    frames = []
+    real_warm_up = tg.LoraTTT.warm_up
+
+    def warm_up(self):
+        out = real_warm_up(self)
+        frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        return out
+
+    monkeypatch.setattr(tg.LoraTTT, "warm_up", warm_up)
+    compiled, _ = run(lora, h=h, ngram=True)
+    assert frames == [2] and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+
+
 def test_phase_sgd_changes_the_base_and_later_documents_see_it(lora):
     h, rt, state, tokens, luts = lora
     phased = dataclasses.replace(h, phased_ttt_num_phases=2)  # prefix 6 docs: phases [0, 3) [3, 6), then 5 more
