@@ -2809,7 +2809,7 @@ class LoraTTT:
         (train: which documents train on it; None: none)."""
         x, tidx, mask = self.chunk_inputs(c, starts, lens)
         nll, logq = self.forward(x, tidx)
-        self.record(nll.detach(), logq, tidx, mask)
+        self.record(nll, logq, tidx, mask)
         if train is not None:
             self.adapt(nll, tidx, mask & train[:, None])
 
@@ -2867,7 +2867,7 @@ class LoraTTT:
     def record(self, nll: Tensor, logq: Tensor | None, tidx: Tensor, mask: Tensor) -> None:
         if self.trace is not None:
             self.trace.append(("score", tidx[mask].tolist()))
-        self.pending.append((nll, None if logq is None else logq.detach(), tidx, mask))
+        self.pending.append((nll.detach(), None if logq is None else logq.detach(), tidx, mask))
 
     def settle(self, tilted, groups: list[tuple[int, int]] | None = None) -> None:
         """Move the pending scores into the meter, in stream order, group by group (target ranges; None:

@@ -604,7 +604,7 @@ class AdaptFirstLoraTTT(tg.LoraTTT):
             nll, _ = self.forward(x, tidx)
             self.adapt(nll, tidx, mask & train[:, None])
         nll, logq = self.forward(x, tidx)
-        self.record(nll.detach(), logq, tidx, mask)
+        self.record(nll, logq, tidx, mask)
 
 
 def test_harness_catches_lora_adapting_before_scoring(lora_setup, monkeypatch):
