@@ -2679,15 +2679,15 @@ def plan_phases(n_docs: int, prefix_docs: int, n_phases: int) -> list[tuple[str,
 
 def lora_batches(docs: list[tuple[int, int]], h: Hyperparameters, rt: Runtime) -> list[list[tuple[int, int]]]:
     """This rank's share of a phase's documents, as batches: the documents sorted by length are cut
-    into batches of TTT_BATCH_SIZE (few wasted slots; a partial batch of the shortest documents is
-    padded with empty slots, so every batch has one shape), and the batches, costliest first, each go to
-    the rank with the least work so far (cost: the window tokens of every chunk step). Every rank
+    into batches of TTT_BATCH_SIZE (a partial batch holds the shortest documents), and the batches,
+    costliest first, each go to the rank with the least work so far (cost: the window tokens of every
+    chunk of every document). Every rank
     computes the same plan; a document's scores do not depend on its batch, slot or rank."""
     C, L, B = h.ttt_chunk_size, h.eval_seq_len, h.ttt_batch_size
     by_length = sorted(docs, key=lambda d: (d[1] - d[0], d[0]))
     n = len(by_length)  # cut from the longest down: a partial batch holds the shortest documents
     batches = [by_length[max(0, i - B):i] for i in range(n, 0, -B)]
-    cost = lambda b: B * sum(min((c + 1) * C, L) for c in range(-(-(b[-1][1] - b[-1][0]) // C)))  # noqa: E731
+    cost = lambda b: sum(min((c + 1) * C, L) for s, e in b for c in range(-(-(e - s) // C)))  # noqa: E731
     load, mine = [0] * rt.world_size, []
     for b in sorted(batches, key=cost, reverse=True):
         r = load.index(min(load))
@@ -2720,7 +2720,10 @@ class BatchedLoRA(nn.Module):
         self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
+        """x (s, T, in) holds the last s slots (the documents still running; see LoraTTT.score_batch):
+        the slice is read from x's shape, so a compiled step serves every s without a guard on it."""
+        a, b = self.A[self.A.size(0) - x.size(0):], self.B[self.B.size(0) - x.size(0):]
+        return (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype) * self.scale
 
 
 class LoraLayer(nn.Module):
@@ -2790,23 +2793,31 @@ class LoraTTT:
 
     def score_batch(self, docs: list[tuple[int, int]]) -> None:
         """Documents `docs` (at most TTT_BATCH_SIZE target ranges, any order) advance chunk by chunk
-        together from fresh adapters, one slot each; finished documents and empty slots are masked."""
-        dev = self.rt.device
-        docs = docs + [(0, 0)] * (self.h.ttt_batch_size - len(docs))  # empty slots: one batch shape
+        together from fresh adapters, one slot each. Slots are ordered by the document's chunk count
+        (empty slots first), so the documents still running at chunk c are the last slots: each step
+        computes those only (at least two, so the batch size is never 1 where compile would specialize
+        it), and a finished document costs nothing. No host sync per step."""
+        dev, C = self.rt.device, self.h.ttt_chunk_size
+        docs = [(0, 0)] * (self.h.ttt_batch_size - len(docs)) + sorted(docs, key=lambda d: (d[1] - d[0], d[0]))
+        n_chunks = [-(-(e - s) // C) for s, e in docs]
         starts = torch.tensor([s for s, _ in docs], device=dev)
         lens = torch.tensor([e - s for s, e in docs], device=dev)
-        n_chunks = [-(-(e - s) // self.h.ttt_chunk_size) for s, e in docs]
+        last = torch.tensor(n_chunks, device=dev) - 1  # a document never trains on its last chunk
         self.lora.reset()
         reset_optimizer(self.opt)
+        done, S = 0, len(docs)
         for c in range(max(n_chunks)):
-            trains = [c < n - 1 for n in n_chunks]  # never on a document's last chunk
-            self.chunk_step(c, starts, lens, torch.tensor(trains, device=dev) if any(trains) else None)
+            while done < S and n_chunks[done] <= c:
+                done += 1
+            k = min(done, max(S - 2, 0))
+            trains = any(c < n - 1 for n in n_chunks[k:])
+            self.chunk_step(c, starts[k:], lens[k:], (c < last[k:]) if trains else None)
         if self.tilt is None:
             self.settle(lambda nll, logq, idx, tgt: nll)
 
     def chunk_step(self, c: int, starts: Tensor, lens: Tensor, train: Tensor | None) -> None:
-        """Score chunk c of every document with the adapters as they are, then one Adam step on it
-        (train: which documents train on it; None: none)."""
+        """Score chunk c of the documents of the last len(starts) slots with the adapters as they are,
+        then one Adam step on it (train: which documents train on it; None: none)."""
         x, tidx, mask = self.chunk_inputs(c, starts, lens)
         nll, logq = self.forward(x, tidx)
         self.record(nll, logq, tidx, mask)

@@ -922,3 +922,42 @@ def test_long_val_timing_builds_a_prefix_val_shard_and_runs_the_eval(tmp_path):
     env["LONGVAL_SOURCE"] = "books"
     r = run(str(art))
     assert r.returncode == 2 and "LONGVAL_SOURCE=books" in r.stderr
+
+
+# ============================================================================ scripts/lora_ttt_timing.py
+
+
+def test_lora_ttt_timing_plays_rank_0_of_a_larger_run(dataset, tmp_path):
+    env = dict(tiny_env(*dataset), TIMING_WORLD="2", TIMING_TOKENS="6000", TTT_BATCH_SIZE="2", TTT_LORA_RANK="4",
+               TTT_CHUNK_SIZE="32", PHASED_TTT_PREFIX_DOCS="2", PHASED_TTT_NUM_PHASES="2")
+    script = REPO / "scripts" / "lora_ttt_timing.py"
+    run = lambda *a, **e: subprocess.run([sys.executable, str(script), *a], env={**env, **e},  # noqa: E731
+                                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("timing:")]
+    assert "tokens:6000" in lines[0] and "world:2" in lines[0] and "random init" in lines[0]
+    costs = dict(kv.split(":") for kv in lines[1].split("rank: ")[1].split(" (")[0].split())
+    h = dataclasses.replace(TINY, ttt_batch_size=2, ttt_chunk_size=32, phased_ttt_prefix_docs=2,
+                            phased_ttt_num_phases=2)
+    mod = script_module()
+    val = mod.tg.load_validation_tokens(dataclasses.replace(h, data_dir=str(dataset[0]) + "/", vocab_size=dataset[1]))
+    docs = mod.tg.find_documents(val.repeat(-(-6000 // val.numel()))[:6000])
+    expect = mod.rank_costs(h, docs, 2)
+    assert int(costs["rank0"]) == expect[0] and int(costs["max"]) == max(expect) and sum(expect) > 0
+    # every window token of the pass is some rank's: the plan's costs add up to the whole pass's
+    whole = sum(min((c + 1) * 32, h.eval_seq_len) for s, e in docs for c in range(-(-(e - s) // 32)))
+    assert sum(expect) == whole
+    assert "rank0 total:" in r.stdout and "lora_ttt_ngram: phase:suffix" in r.stdout and len(docs) > 4
+    r = run(str(tmp_path / "missing.ptz"))
+    assert r.returncode == 2 and "missing.ptz" in r.stderr and "Traceback" not in r.stderr
+    r = run(TIMING_WORLD="3")
+    assert r.returncode == 2 and "TIMING_WORLD=3" in r.stderr
+
+
+def script_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lora_ttt_timing", REPO / "scripts" / "lora_ttt_timing.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
